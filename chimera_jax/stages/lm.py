@@ -1,0 +1,130 @@
+"""Stage ``lm``: next-token prediction on packed text (any layer pattern of models/lm.py)."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from chimera_jax.data import lm_pipeline
+from chimera_jax.layers import registry
+from chimera_jax.models.lm import LM
+from chimera_jax.stages.base import Stage
+from chimera_jax.training import optimizer as opt_lib
+from chimera_jax.training.train_state import TrainState, accumulated_grad
+
+
+def cross_entropy(logits, targets, mask):
+    """Summed negative log-likelihood and correct-prediction count over masked positions.
+
+    logits [b t v] float32, targets [b t] int32, mask [b t] float -> (nll_sum, correct_sum) scalars.
+    """
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (logz - target_logit) * mask
+    correct = (jnp.argmax(logits, axis=-1) == targets) * mask
+    return nll.sum(), correct.sum()
+
+
+def model_flops_per_token(model_cfg, params, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) by the PaLM count: 6 N + 12 L_attn h k T.
+
+    N counts the parameters used in matmuls (the embedding table only when it is also the output head).
+    """
+    n = sum(x.size for x in jax.tree.leaves(params))
+    if not model_cfg.tie_embeddings:
+        n -= model_cfg.vocab_size * model_cfg.d_model
+    a = model_cfg.attention
+    attn = 0.0
+    for code in registry.parse_pattern(model_cfg.pattern, model_cfg.num_layers):
+        if code in ("A", "SW"):
+            span = min(seq_len, a.window) if code == "SW" else seq_len
+            attn += 12 * a.num_heads * a.head_dim * span
+    return 6 * n + attn
+
+
+class LMStage(Stage):
+    name = "lm"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model_cfg = ml_collections.FrozenConfigDict(config.model)
+        self.model = LM(self.model_cfg)
+        registry.parse_pattern(self.model_cfg.pattern, self.model_cfg.num_layers)  # fail early on a bad pattern
+        self.data = lm_pipeline.build(config.data, seed=config.seed, vocab_size=config.model.vocab_size)
+        self.tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
+        self.token_bytes = jnp.asarray(np.pad(self.data.tokenizer.token_bytes,
+                                              (0, config.model.vocab_size - self.data.tokenizer.vocab_size)))
+        b, t = config.data.batch_size, config.data.seq_len
+        self.tokens_per_step = b * t
+        abstract = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
+        self.num_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract["params"])))
+        self.flops_per_step = model_flops_per_token(config.model, nn.meta.unbox(abstract["params"]), t) * b * t
+
+    def _init_variables(self, rng):
+        t = min(self.config.data.seq_len, 8)
+        tokens = jnp.zeros((1, t), jnp.int32)
+        return self.model.init(rng, tokens)
+
+    def init(self, rng):
+        variables = self._init_variables(rng)
+        params = variables.pop("params")
+        return TrainState.create(params, self.tx, model_state=dict(variables))
+
+    def _forward(self, params, model_state, batch, mutable):
+        variables = {"params": params, **model_state}
+        out, updates = self.model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
+                                        positions=batch["positions"], mutable=mutable)
+        return out[0], updates
+
+    def train_step(self, state: TrainState, batch, rng):
+        mutable = list(state.model_state.keys()) + ["metrics"]
+
+        def loss_fn(params, mb, _rng):
+            logits, updates = self._forward(params, state.model_state, mb, mutable)
+            nll, correct = cross_entropy(logits, mb["targets"], mb["loss_mask"])
+            n = jnp.maximum(mb["loss_mask"].sum(), 1.0)
+            loss = nll / n
+            extra = jax.tree.map(jnp.mean, dict(updates.get("metrics", {})))
+            aux_loss = sum(jnp.sum(v) for k, v in _flat(extra).items() if k.endswith("aux_loss"))
+            model_state = {k: v for k, v in updates.items() if k != "metrics"}
+            return loss + aux_loss, dict(loss=loss, accuracy=correct / n, model_state=model_state, extra=extra)
+
+        total, aux, grads = accumulated_grad(loss_fn, state.params, batch, rng, self.config.optimizer.grad_accum_steps)
+        state, update_metrics = state.apply_gradients(grads, total, model_state=aux["model_state"] or None)
+        metrics = dict(loss=aux["loss"], accuracy=aux["accuracy"], **update_metrics,
+                       learning_rate=opt_lib.learning_rate_schedule(self.config.optimizer,
+                                                                    self.config.total_steps)(state.step - 1))
+        metrics.update({k: v for k, v in _flat(aux["extra"]).items()})
+        return state, metrics
+
+    def eval_step(self, state: TrainState, batch):
+        logits, _ = self._forward(state.params, state.model_state, batch, mutable=["metrics"])
+        nll, correct = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        nbytes = (self.token_bytes[batch["targets"]] * batch["loss_mask"]).sum()
+        return dict(nll=nll, correct=correct, tokens=batch["loss_mask"].sum(), bytes=nbytes)
+
+    def summarize_eval(self, sums):
+        tokens = max(sums["tokens"], 1.0)
+        return dict(loss=sums["nll"] / tokens, accuracy=sums["correct"] / tokens,
+                    bpb=sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)))
+
+
+def _flat(tree, prefix=""):
+    """{'layer_0': {'ffn': {'load': x}}} -> {'layer_0/ffn/load': x} (sown metrics, as scalars)."""
+    out = {}
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}/"))
+    elif isinstance(tree, tuple):
+        if len(tree) == 1:
+            out.update(_flat(tree[0], prefix))
+        else:
+            for i, v in enumerate(tree):
+                out.update(_flat(v, f"{prefix}{i}/"))
+    else:
+        out[prefix.rstrip("/")] = tree
+    return out

@@ -1,0 +1,207 @@
+"""The one training loop. It runs any stage (stages/base.py): sharding, jit, checkpoints, logging, eval, signals.
+
+Read top to bottom: mesh -> stage -> state (restored or initialised, sharded) -> steps -> final checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from chimera_jax import config_lib, stages
+from chimera_jax.training import checkpointing, metrics as metrics_lib, sharding
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _Signals:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (notebooks): signals stay as they were
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_workdir_config(config, workdir: str) -> None:
+    """Refuses to resume a workdir whose saved model differs from the config given now."""
+    path = config_lib.resolved_config_path(workdir)
+    if not os.path.exists(path):
+        return
+    saved = config_lib.load_resolved(workdir)
+    for block in ("stage", "model"):
+        if block in saved and json.loads(config_lib.to_json(saved)).get(block) != \
+                json.loads(config_lib.to_json(config)).get(block):
+            raise ValueError(f"workdir {workdir} holds a run whose config.{block} differs from the one given now; "
+                             f"use a new --workdir, or the saved config ({path})")
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """After resuming from ``step``, drop rows logged past it by the killed run (they will be logged again)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def train(config, workdir: str, *, stop_after: int | None = None):
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), returns the final state.
+
+    ``stop_after``: stop (with a checkpoint) once this many steps are done, as a preemption would; for tests.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    is_main = jax.process_index() == 0
+    _check_workdir_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.LOGICAL_RULES
+    stage = stages.build(config)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        config_lib.save_resolved(config, workdir)
+
+    # Shardings of the whole state come from the logical names on the (abstract) parameters.
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    with mesh, nn.logical_axis_rules(list(rules)):
+        boxed = jax.eval_shape(stage.init, init_rng)
+        state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                nn.meta.unbox(boxed), state_shardings)
+
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
+    restored = ckpt.restore(abstract)
+    if restored is None:
+        with mesh, nn.logical_axis_rules(list(rules)):
+            state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=state_shardings)(init_rng)
+        start = 0
+    else:
+        start, state, data_state = restored
+        if data_state:
+            stage.data.train.set_state(data_state)
+        if is_main:
+            _truncate_metrics(workdir, start)
+        log.info("resumed from step %d", start)
+
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    def step_fn(state, batch):
+        return stage.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+
+    with mesh, nn.logical_axis_rules(list(rules)):
+        train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                             out_shardings=(state_shardings, None), donate_argnums=0)
+        eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sharding))
+
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    peak = metrics_lib.peak_flops()
+    total = config.total_steps
+    end = total if stop_after is None else min(total, stop_after)
+
+    def evaluate(state, step):
+        sums = None
+        with mesh, nn.logical_axis_rules(list(rules)):
+            for batch in stage.data.eval_batches:
+                out = eval_step(state, sharding.global_batch(batch, mesh, rules))
+                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        result = stage.summarize_eval({k: float(v) for k, v in jax.device_get(sums).items()})
+        writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+        stage.on_eval(state, step, workdir) if is_main else None
+        return result
+
+    def save(step, state, force=False):
+        ckpt.save(step, state, stage.data.train.get_state(), force=force)
+
+    bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=config.stage)
+    pending = None  # (step, metrics) of the last dispatched step, read one step late so the device stays busy
+    t_last, step_last = time.perf_counter(), start
+    eval_result = None
+
+    def flush(pending):
+        nonlocal t_last, step_last
+        step, m = pending
+        m = jax.device_get(m)
+        if int(m.get("skipped", 0)):
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        if step % config.log_every == 0 or step == end:
+            now = time.perf_counter()
+            rate = (step - step_last) * stage.tokens_per_step / max(now - t_last, 1e-9)
+            row = {f"train/{k}": v for k, v in m.items()}
+            row["perf/tokens_per_sec"] = rate
+            if peak and stage.flops_per_step:
+                row["perf/mfu"] = rate / stage.tokens_per_step * stage.flops_per_step / (peak * jax.device_count())
+            writer.write(step, row)
+            post = {"loss": f"{float(m['loss']):.4f}", "tok/s": f"{rate:,.0f}"}
+            if "perf/mfu" in row:
+                post["mfu"] = f"{100 * row['perf/mfu']:.1f}%"
+            bar.set_postfix(post, refresh=False)
+            t_last, step_last = now, step
+
+    with _Signals() as signals:
+        step = start
+        while step < end:
+            batch = sharding.global_batch(next(stage.data.train), mesh, rules)
+            with mesh, nn.logical_axis_rules(list(rules)):
+                state, m = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                flush(pending)
+            pending = (step, dict(m, nonfinite_in_a_row=state.nonfinite_in_a_row))
+            bar.update(1)
+            if int(jax.device_get(state.nonfinite_in_a_row)) >= config.max_consecutive_nonfinite:
+                flush(pending)
+                save(step, state, force=True)
+                ckpt.close()
+                raise NonFiniteError(f"{config.max_consecutive_nonfinite} non-finite updates in a row at step "
+                                     f"{step} (config.max_consecutive_nonfinite); checkpoint saved, see metrics.jsonl")
+            if step % config.eval_every == 0 or step == total:
+                flush(pending)
+                pending = None
+                eval_result = evaluate(state, step)
+                bar.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.4f}" for k, v in eval_result.items()))
+            if step % config.checkpoint_every == 0 or step == end:
+                save(step, state, force=True)
+            if signals.received:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                save(step, state, force=True)
+                bar.write(f"{signals.received} received: checkpoint saved at step {step}; rerun the same "
+                          "command to resume")
+                break
+        if pending is not None:
+            flush(pending)
+    bar.close()
+    ckpt.close()
+    writer.close()
+    return state, eval_result
