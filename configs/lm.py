@@ -79,10 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "lm"
     c.seed = 0
-    c.total_steps = 1200 if tiny else 20_000
+    c.total_steps = 1000 if tiny else 20_000
     c.log_every = 50 if tiny else 100
-    c.eval_every = 400 if tiny else 2000
-    c.checkpoint_every = 400 if tiny else 2000
+    c.eval_every = 250 if tiny else 2000
+    c.checkpoint_every = 250 if tiny else 2000
     c.max_consecutive_nonfinite = 5   # stop after this many skipped (non-finite) updates in a row
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 takes the remaining devices
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))
@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     o = ml_collections.ConfigDict()
     o.learning_rate = 3e-3 if tiny else 3e-4
-    o.warmup_steps = 100 if tiny else 1000
+    o.warmup_steps = 50 if tiny else 1000
     o.decay_steps = -1                # -1: decay over total_steps
     o.min_lr_ratio = 0.1              # cosine decays to this fraction of the peak
     o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
@@ -106,8 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tokenizer = "bytes"          # 'bytes' | 'sentencepiece'
     data.sentencepiece_vocab_size = 4096
     data.cache_dir = "~/.cache/chimera_jax"      # trained tokenizers and built datasets are cached here
-    data.seq_len = 256 if tiny else 2048
-    data.batch_size = 32 if tiny else 8          # global batch (sequences per optimizer step)
+    data.seq_len = 128 if tiny else 2048
+    data.batch_size = 16 if tiny else 8          # global batch (sequences per optimizer step)
     data.validation_fraction = 0.1
     data.eval_batches = 8 if tiny else 16
     c.data = data

@@ -43,3 +43,6 @@ class Stage:
 
     def on_eval(self, state, step: int, workdir: str) -> None:
         pass
+
+    def prepare_workdir(self, workdir: str) -> None:
+        """Called once on process 0 before training: save what inference needs besides the config."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -63,6 +64,14 @@ class LMStage(Stage):
         abstract = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
         self.num_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract["params"])))
         self.flops_per_step = model_flops_per_token(config.model, nn.meta.unbox(abstract["params"]), t) * b * t
+
+    def prepare_workdir(self, workdir: str) -> None:
+        model_path = getattr(self.data.tokenizer, "model_path", None)
+        if model_path:  # sampling and evaluation read the SentencePiece model from the workdir
+            import shutil
+
+            shutil.copyfile(model_path, os.path.join(workdir, "tokenizer.model.tmp"))
+            os.replace(os.path.join(workdir, "tokenizer.model.tmp"), os.path.join(workdir, "tokenizer.model"))
 
     def _init_variables(self, rng):
         t = min(self.config.data.seq_len, 8)

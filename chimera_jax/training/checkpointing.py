@@ -65,3 +65,27 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any, Any]:
+    """(step, params, model_state) of a workdir's newest readable checkpoint (or ``step``), for inference.
+
+    Restored without a target, as host arrays: no model code or sharding is needed to read them.
+    """
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+    errors = []
+    for s in steps:
+        try:
+            restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            state = restored["state"]
+            return s, state["params"], state.get("model_state", {}) or {}
+        except Exception as e:
+            errors.append(f"{directory}/{s}: {type(e).__name__}: {str(e)[:200]}")
+            log.error("checkpoint %s/%s is unreadable, trying an earlier one", directory, s)
+    raise CheckpointError("no readable checkpoint:\n  " + "\n  ".join(errors))

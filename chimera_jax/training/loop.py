@@ -88,6 +88,7 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         config_lib.save_resolved(config, workdir)
+        stage.prepare_workdir(workdir)
 
     # Shardings of the whole state come from the logical names on the (abstract) parameters.
     rng = jax.random.PRNGKey(config.seed)

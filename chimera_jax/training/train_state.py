@@ -28,7 +28,7 @@ class TrainState:
     def apply_gradients(self, grads, loss, model_state=None) -> tuple["TrainState", dict[str, jax.Array]]:
         """One optimizer update, unless the loss or a gradient is not finite: then the update is skipped
         (params, optimizer and model state unchanged) and counted."""
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = self.tx.update(grads, self.opt_state, self.params)
         new_params = optax.apply_updates(self.params, updates)
