@@ -35,6 +35,8 @@ MIXERS: dict[str, MixerSpec] = {
     "TM": MixerSpec("chimera_jax.layers.titans", "TitansMAC", "titans", (), "Titans neural memory (MAC)"),
     "H": MixerSpec("chimera_jax.layers.hassm", "HASSM", "hassm", (),
                    "HASSM: selective SSM + ALiBi attention in parallel, gated"),
+    "CH": MixerSpec("chimera_jax.layers.chimera", "Chimera", "chimera", (),
+                    "CHIMERA: per-token router over Mamba-2, sliding-window, full attention and identity"),
 }
 
 
@@ -58,7 +60,11 @@ def default_block_config(block: str) -> ml_collections.ConfigDict:
     return importlib.import_module(spec.module).default_config()
 
 
-def build_mixer(code: str, cfg: ml_collections.FrozenConfigDict, name: str) -> Any:
+_AUTO = object()
+
+
+def build_mixer(code: str, cfg: ml_collections.FrozenConfigDict, name: str | None, parent: Any = _AUTO) -> Any:
+    """The mixer of ``code``; ``parent=None`` builds a detached module (for ``init_cache`` outside a model)."""
     spec = MIXERS[code]
     if spec.block not in cfg:
         raise ValueError(f"layer code {code!r} needs the config sub-block model.{spec.block}")
@@ -66,6 +72,8 @@ def build_mixer(code: str, cfg: ml_collections.FrozenConfigDict, name: str) -> A
     kwargs = dict(spec.kwargs)
     if code == "SW" and not cfg.attention.window:
         raise ValueError("layer code 'SW' needs model.attention.window > 0")
+    if parent is not _AUTO:
+        kwargs["parent"] = parent
     return cls(cfg, name=name, **kwargs)
 
 

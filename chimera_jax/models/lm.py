@@ -59,7 +59,7 @@ class LM(nn.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[Any, ...]:
         """One cache per layer, in layer order (each from its mixer's own init_cache)."""
         dtype = dtype or common.dtype_of(self.cfg.dtype)
-        return tuple(registry.build_mixer(code, self.cfg, None).init_cache(batch, max_len, dtype)
+        return tuple(registry.build_mixer(code, self.cfg, None, parent=None).init_cache(batch, max_len, dtype)
                      for code in self.layer_codes())
 
     @nn.compact

@@ -20,12 +20,17 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _HANDLERS() -> dict:
+    """The two items of every checkpoint: the train state (arrays) and the data iterator's state (JSON)."""
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_HANDLERS())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,14 +80,18 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any, Any
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    manager = ocp.CheckpointManager(directory, item_handlers=_HANDLERS())
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint")
     errors = []
     for s in steps:
         try:
-            restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            # Restore onto one local device, whatever topology the checkpoint was written from.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            meta = manager.item_metadata(s)["state"]
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+            restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             state = restored["state"]
             return s, state["params"], state.get("model_state", {}) or {}
         except Exception as e:

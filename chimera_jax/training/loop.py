@@ -95,7 +95,8 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     init_rng, step_rng = jax.random.split(rng)
     with mesh, nn.logical_axis_rules(list(rules)):
         boxed = jax.eval_shape(stage.init, init_rng)
-        state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules,
+                                                       shapes=nn.meta.unbox(boxed))
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 nn.meta.unbox(boxed), state_shardings)
 

@@ -64,9 +64,28 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
-    """A tree of logical PartitionSpecs -> a tree of NamedShardings on ``mesh``."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES, shapes=None):
+    """A tree of logical PartitionSpecs -> a tree of NamedShardings on ``mesh``.
+
+    With ``shapes`` (a matching tree of arrays or ShapeDtypeStructs), a dimension that the mesh axes would not
+    split evenly (e.g. one KV head over a tensor axis of 2) is replicated instead of failing.
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+    if shapes is None:
+        return shardings
+    return jax.tree.map(lambda sh, x: _fit(sh, x.shape, mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _fit(sh: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
+    spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        if shape[i] % math.prod(mesh.shape[a] for a in names):
+            spec[i] = None
+    return NamedSharding(mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
