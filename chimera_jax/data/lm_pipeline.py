@@ -105,7 +105,7 @@ def _synthetic(data_cfg, *, seed: int, vocab_size: int) -> LMData:
 
     train = grain.MapDataset.range(1 << 40).map(make).to_iter_dataset()
     return LMData(tokenizer=tokenizers.ByteTokenizer(), train=iter(train),
-                  eval_batches=[make(-1 - i) for i in range(data_cfg.eval_batches)])
+                  eval_batches=[make((1 << 41) + i) for i in range(data_cfg.eval_batches)])
 
 
 def take(it: Iterator, n: int) -> list:
