@@ -1,0 +1,277 @@
+"""The gated delta rule (Yang, Kautz & Hatamizadeh, 2024, "Gated Delta Networks"), in fla's layout.
+
+Per head, with the state ``S`` of shape [k v] (float32, or float64 for float64 inputs):
+
+    S_t = exp(g_t) * S_{t-1}                        # gated decay (g = log decay, usually <= 0)
+    u_t = beta_t * (v_t - S_t^T k_t)                 # delta-rule correction ("new value")
+    S_t = S_t + k_t u_t^T
+    o_t = S_t^T (scale * q_t)
+
+Packed documents (``segment_ids``): where the id changes between t-1 and t (t >= 1), ``S_{t-1}`` is replaced
+by zeros before step t, exactly. Position 0 never resets, so that ``initial_state`` (a cache from an earlier
+prefill) continues into the first document.
+
+Implementations (``impl``):
+- ``reference``: token-by-token ``lax.scan`` of the recurrence above, the oracle.
+- ``xla``: the chunkwise form. Inside a chunk of ``c`` tokens the recurrence is solved in parallel through the
+  WY / UT representation: with ``A[t, j] = beta_t * exp(G_t - G_j) * k_t.k_j`` (j < t, same document) and
+  ``T = (I + A)^-1`` (formed by matmuls, ``unit_lower_inverse``), the chunk's corrected values are ``U = T (beta v) - T (beta Gamma k) S0``, so the
+  only serial work left is one small state update per chunk (``chunk_scan_xla``). Differentiable by autodiff.
+- ``pallas``: the same intra-chunk preparation in XLA, and the serial inter-chunk scan (forward and backward)
+  as Pallas kernels (``kernels_pallas/gated_delta_rule``); runs in interpret mode on CPU.
+- ``auto``: ``pallas`` on a GPU for the shapes and dtypes its tests cover, otherwise ``xla`` (logged at debug).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def _state_dtype(dtype) -> jnp.dtype:
+    """float32 state for bf16 / fp32 inputs; float64 when the inputs are float64 (tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _resets(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+    """[b t] bool: True where the state is zeroed before the step (document starts other than position 0)."""
+    if segment_ids is None:
+        return jnp.zeros((b, t), bool)
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return segment_ids != prev
+
+
+def _check(q, k, v, g, beta, initial_state, segment_ids):
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [b t h k]; got q {q.shape}, k {k.shape}")
+    b, t, h, _ = q.shape
+    if v.ndim != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v must be [b t h v] = [{b} {t} {h} v]; got {v.shape}")
+    if g is not None and g.shape != (b, t, h):
+        raise ValueError(f"g (log decay) must be [b t h] = {(b, t, h)}; got {g.shape}")
+    if beta.shape != (b, t, h):
+        raise ValueError(f"beta must be [b t h] = {(b, t, h)}; got {beta.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, q.shape[-1], v.shape[-1]):
+        raise ValueError(f"initial_state must be [b h k v] = {(b, h, q.shape[-1], v.shape[-1])}; "
+                         f"got {initial_state.shape}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be [b t] = {(b, t)}; got {segment_ids.shape}")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+def gated_delta_rule_reference(q, k, v, g, beta, *, scale, initial_state=None, segment_ids=None):
+    """Token-by-token recurrence (the oracle). Returns (o [b t h v] in q.dtype, final state [b h k v])."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    sd = _state_dtype(q.dtype)
+    s0 = jnp.zeros((b, h, dk, dv), sd) if initial_state is None else initial_state.astype(sd)
+    reset = _resets(segment_ids, b, t)  # [b t]
+
+    def step(s, xs):
+        q_t, k_t, v_t, g_t, b_t, r_t = xs  # [b h k] [b h k] [b h v] [b h] [b h] [b]
+        s = jnp.where(r_t[:, None, None, None], 0.0, s)
+        s = s * jnp.exp(g_t)[..., None, None]
+        u = b_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", s, k_t))
+        s = s + k_t[..., :, None] * u[..., None, :]
+        o = jnp.einsum("bhkv,bhk->bhv", s, q_t * scale)
+        return s, o
+
+    xs = tuple(jnp.moveaxis(x.astype(sd), 1, 0) for x in (q, k, v, g, beta)) + (jnp.moveaxis(reset, 1, 0),)
+    s, o = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 1).astype(q.dtype), s
+
+
+# --------------------------------------------------------------------------------------- chunkwise form
+
+class ChunkInputs(NamedTuple):
+    """What the serial inter-chunk scan needs, per (b, h) and chunk n, all in the compute dtype.
+
+    u_tilde [b h n c v] = T (beta v): corrected values assuming a zero state at the chunk start.
+    w       [b h n c k] = T (beta Gamma k): how the chunk-start state S0 enters the corrections, U = u_tilde - w S0.
+    q_hat   [b h n c k] = scale * Gamma q: how S0 enters the outputs.
+    p       [b h n c c] = scale * (q k^T) * decay, lower triangular incl. the diagonal: intra-chunk attention.
+    k_dec   [b h n c k] = k * exp(G_last - G_j): how each token's correction reaches the chunk-end state.
+    gamma   [b h n]     = exp(G_last), 0 when the chunk holds a document start: decay of S0 over the chunk.
+    """
+    u_tilde: jax.Array
+    w: jax.Array
+    q_hat: jax.Array
+    p: jax.Array
+    k_dec: jax.Array
+    gamma: jax.Array
+
+
+def _mm(a, b):
+    # Full float32 products: the UT transform feeds the whole chunk, TF32 rounding here would show downstream.
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_lower_inverse(a: jax.Array, leaf: int = 16) -> jax.Array:
+    """(I + a)^-1 for strictly lower-triangular a [... c c], by matmuls only (no serial triangular solve).
+
+    Blocks of ``leaf`` rows use the nilpotent series (I + a)^-1 = sum_n (-a)^n, summed by repeated squaring;
+    larger sizes halve recursively: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]].
+    Batched GPU triangular solves of many tiny matrices are slow; these matmuls are not.
+    """
+    c = a.shape[-1]
+    if c <= leaf or c % 2:
+        n = -a
+        inv = jnp.eye(c, dtype=a.dtype) + n
+        p, span = n, 2
+        while span < c:  # after the step with power 2^i the sum holds every power below 2^(i+1)
+            p = _mm(p, p)
+            inv = inv + _mm(inv, p)
+            span *= 2
+        return inv
+    h = c // 2
+    x11 = unit_lower_inverse(a[..., :h, :h], leaf)
+    x22 = unit_lower_inverse(a[..., h:, h:], leaf)
+    x21 = -_mm(x22, _mm(a[..., h:, :h], x11))
+    top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
+
+
+def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size) -> ChunkInputs:
+    """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c."""
+    b, t, h, dk = q.shape
+    c = chunk_size
+    n = t // c
+    cd = _state_dtype(q.dtype)
+
+    def chunks(x):  # [b t h ...] -> [b h n c ...]
+        x = x.astype(cd).reshape((b, n, c, h) + x.shape[3:])
+        return jnp.moveaxis(x, 3, 1)
+
+    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    seg = jnp.cumsum(reset.reshape(b, n, c).astype(jnp.int32), axis=-1)[:, None]  # [b 1 n c] document index
+    same = seg[..., :, None] == seg[..., None, :]  # [b 1 n c c]: no document start in (j, t]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    conn = same & causal
+    conn0 = seg == 0  # [b 1 n c]: no document start in [0, t] of this chunk
+
+    G = jnp.cumsum(g, axis=-1)  # [b h n c]
+    diff = G[..., :, None] - G[..., None, :]  # [b h n c c]
+    # where() before exp(): the masked entries (j > t) may overflow and would poison the gradient.
+    dec = jnp.where(conn, jnp.exp(jnp.where(conn, diff, 0.0)), 0.0)
+    gam_t = jnp.where(conn0, jnp.exp(G), 0.0)  # [b h n c]
+    last_diff = G[..., -1:] - G  # [b h n c]
+    conn_last = conn[..., -1, :]  # [b 1 n c]
+    k_dec = k * jnp.where(conn_last, jnp.exp(jnp.where(conn_last, last_diff, 0.0)), 0.0)[..., None]
+
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    a = jnp.where(strict, beta[..., :, None] * dec * kk, 0.0)  # [b h n c c]
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * gam_t)[..., None] * k], axis=-1)
+    sol = _mm(unit_lower_inverse(a), rhs)
+    u_tilde, w = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    q_hat = (scale * gam_t)[..., None] * q
+    p = scale * jnp.einsum("bhnik,bhnjk->bhnij", q, k) * dec
+    return ChunkInputs(u_tilde, w, q_hat, p, k_dec, gam_t[..., -1])
+
+
+def chunk_scan_xla(ci: ChunkInputs, s0):
+    """The serial part in plain JAX: one state update per chunk. Returns (o [b h n c v], final state [b h k v])."""
+
+    def step(s, x):
+        u_tilde, w, q_hat, p, k_dec, gamma = x
+        u = u_tilde - jnp.einsum("bhck,bhkv->bhcv", w, s)
+        o = jnp.einsum("bhck,bhkv->bhcv", q_hat, s) + jnp.einsum("bhij,bhjv->bhiv", p, u)
+        s = gamma[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_dec, u)
+        return s, o
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in ci)
+    s, o = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 2), s
+
+
+def _pad_time(x, pad, mode="constant"):
+    if pad == 0 or x is None:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, *, scale, initial_state=None, segment_ids=None, chunk_size=64,
+                             scan=None):
+    """Chunkwise form; ``scan`` is the serial inter-chunk part (defaults to ``chunk_scan_xla``)."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    sd = _state_dtype(q.dtype)
+    c = chunk_size
+    pad = (-t) % c
+    # Padding tokens carry beta = 0, k = 0 and g = 0: they leave the state untouched. Segment ids are padded by
+    # repeating the last one, so that no spurious document start zeroes the final state.
+    q_, k_, v_, g_, beta_ = (_pad_time(x, pad) for x in (q, k, v, g, beta))
+    seg_ = _pad_time(segment_ids, pad, mode="edge")
+    reset = _resets(seg_, b, t + pad)
+    ci = chunk_prepare(q_, k_, v_, g_, beta_, reset, scale=scale, chunk_size=c)
+    s0 = jnp.zeros((b, h, dk, dv), sd) if initial_state is None else initial_state.astype(sd)
+    o, s = (scan or chunk_scan_xla)(ci, s0)  # [b h n c v]
+    o = jnp.moveaxis(o.reshape(b, h, t + pad, dv), 1, 2)[:, :t]
+    return o.astype(q.dtype), s
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+def _pallas_supported(q, v, chunk_size) -> str | None:
+    """None when the Pallas kernel covers this call on this device, else the reason it does not."""
+    if jax.default_backend() != "gpu":
+        return f"backend {jax.default_backend()!r} is not a GPU"
+    if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
+        return f"head dims k={q.shape[-1]} v={v.shape[-1]} not in (64, 128)"
+    if q.dtype not in (jnp.bfloat16, jnp.float32):
+        return f"dtype {q.dtype} not bfloat16/float32"
+    if chunk_size != 64:
+        return f"chunk_size {chunk_size} != 64"
+    return None
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     segment_ids=None, impl="auto", chunk_size=64):
+    """Gated delta rule over [b t h k] inputs (fla's ``chunk_gated_delta_rule`` layout and meaning).
+
+    Args:
+      q, k: [b t h k]. v: [b t h v]. g: [b t h] log decay (None = plain delta rule, g = 0). beta: [b t h].
+      scale: query scale, default k ** -0.5.
+      initial_state: [b h k v] state before position 0 (None = zeros).
+      output_final_state: return the [b h k v] state after the last position (float32; float64 for f64 inputs).
+      segment_ids: [b t] int; where the id changes between t-1 and t the state restarts from zero.
+      impl: "auto" | "pallas" | "xla" | "reference".
+      chunk_size: tokens per chunk of the chunkwise forms.
+    Returns:
+      (o [b t h v] in q.dtype, final_state or None)
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    _check(q, k, v, g, beta, initial_state, segment_ids)
+    if g is None:
+        g = jnp.zeros(beta.shape, jnp.float32)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if impl == "auto":
+        why = _pallas_supported(q, v, chunk_size)
+        if why is None:
+            impl = "pallas"
+        else:
+            log.debug("gated_delta_rule: falling back to impl='xla' (%s)", why)
+            impl = "xla"
+    kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
+    if impl == "reference":
+        o, s = gated_delta_rule_reference(q, k, v, g, beta, **kw)
+    elif impl == "xla":
+        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
+    else:
+        from kernels_pallas.gated_delta_rule import chunk_scan_pallas  # the kernels load only when asked for
+
+        scan = functools.partial(chunk_scan_pallas, mm_dtype=q.dtype)
+        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kw)
+    return o, (s if output_final_state else None)

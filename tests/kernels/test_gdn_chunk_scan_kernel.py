@@ -1,0 +1,70 @@
+"""The Pallas inter-chunk scan of the gated delta rule (forward and its custom backward) against the
+token-by-token reference: float64 in the Pallas interpreter on the CPU (CI); fp32 / bf16 natively on a GPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chimera_jax.ops.gated_delta_rule import gated_delta_rule
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(key, b, t, h, d, dtype):
+    ks = jax.random.split(key, 6)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, h, d), dtype)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (b, t, h, d), dtype)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h), dtype)) / 4
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h), dtype))
+    s0 = jax.random.normal(ks[5], (b, h, d, d), dtype) * 0.5
+    return q, k, v, g, beta, s0
+
+
+def _rel(a, b):
+    a, b = a.astype(jnp.float64 if a.dtype == jnp.float64 else jnp.float32), b.astype(a.dtype if a.dtype == jnp.float64 else jnp.float32)
+    return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def _run(impl, seg, c, in_dtype):
+    def f(q, k, v, g, beta, s0):
+        cast = lambda x: x.astype(in_dtype)
+        o, s = gated_delta_rule(cast(q), cast(k), cast(v), g, cast(beta), initial_state=s0,
+                                output_final_state=True, segment_ids=seg, impl=impl, chunk_size=c)
+        return o, s
+    return f
+
+
+def _loss(f):
+    return lambda *a: jnp.sum(jnp.sin(f(*a)[0].astype(a[0].dtype))) + jnp.sum(jnp.cos(f(*a)[1]))
+
+
+def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed):
+    q, k, v, g, beta, s0 = _inputs(jax.random.key(t + d), b, t, h, d, comp_dtype)
+    seg = None
+    if packed:
+        seg = jnp.asarray(np.repeat(np.arange(1, 5), -(-t // 4))[None, :t].repeat(b, 0))
+        seg = seg.at[0, : t // 3].set(9)  # boundaries off the chunk edges, different per row
+    got = _run("pallas", seg, c, in_dtype)(q, k, v, g, beta, s0)
+    ref = _run("reference", seg, c, comp_dtype)(q, k, v, g, beta, s0)
+    assert _rel(got[0], ref[0]) < tol and _rel(got[1], ref[1]) < tol
+    gg = jax.jit(jax.grad(_loss(_run("pallas", seg, c, in_dtype)), argnums=range(6)))(q, k, v, g, beta, s0)
+    gr = jax.jit(jax.grad(_loss(_run("reference", seg, c, comp_dtype)), argnums=range(6)))(q, k, v, g, beta, s0)
+    for name, a, r in zip("q k v g beta initial_state".split(), gg, gr):
+        assert not bool(jnp.isnan(a).any()), name
+        assert _rel(a, r) < tol, (name, _rel(a, r))
+
+
+@pytest.mark.skipif(ON_GPU, reason="float64 interpreter check; the GPU runs the native cases below")
+@pytest.mark.parametrize("b,t,h,d,c,packed", [(2, 29, 2, 8, 8, True), (1, 16, 1, 16, 8, False)])
+def test_interpreted_float64(b, t, h, d, c, packed):
+    with jax.enable_x64(True):
+        _check(b, t, h, d, c, jnp.float64, jnp.float64, 1e-10, packed)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="native kernel needs a GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("in_dtype,tol", [("float32", 2e-3), ("bfloat16", 3e-2)])
+def test_native_gpu(d, in_dtype, tol):
+    _check(2, 300, 2, d, 64, jnp.dtype(in_dtype), jnp.float32, tol, True)
