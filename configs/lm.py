@@ -1,6 +1,6 @@
 """Language models: ``--config=configs/lm.py:arch=ARCH,size=SIZE``.
 
-arch: dense | griffin | chimera51 | hassm | mamba | mamba2 | gdn | mlstm | titans | moe
+arch: dense | griffin | chimera51 | hassm | mamba | mamba2 | gdn | mlstm | titans | moe | chimera
 size: tiny (the CPU demo) | 125m | 350m | 1p3b  (griffin also: small | base | large, seed 004's shapes)
 Any field can be overridden on the command line, e.g. ``--config.model.num_layers=4``.
 """
@@ -10,6 +10,7 @@ import ml_collections
 
 from chimera_jax import config_lib
 from chimera_jax.layers import registry
+from chimera_jax.models import lm as lm_model
 
 # (d_model, num_layers, num_heads, num_kv_heads, head_dim, ffn_dim, vocab_size, tie_embeddings)
 SIZES = {
@@ -36,6 +37,7 @@ ARCHS = {
     "mlstm": ("XM", "swiglu", 0),
     "titans": ("TM", "swiglu", 0),
     "moe": ("A", "swiglu", 1),
+    "chimera": ("CH", "swiglu", 0),  # per-token router over Mamba-2 / sliding window / full attention / identity
 }
 
 
@@ -60,6 +62,7 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     m.init_std = 0.02              # embedding init
     m.ternary = False              # BitNet b1.58 projections everywhere (layers/bitlinear.py)
     m.remat = "none"               # 'none' | 'dots' | 'full' (rematerialise each block in the backward pass)
+    m.loop = lm_model.loop_config()  # looped depth (prelude / core x loops / coda); core=0: off
     att = registry.default_block_config("attention")
     att.num_heads, att.num_kv_heads, att.head_dim = heads, kv_heads, head_dim
     if "SW" in pattern.split():
@@ -68,8 +71,42 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     for code in set(pattern.split()) - {"A", "SW"}:
         block = registry.MIXERS[code].block
         m[block] = registry.default_block_config(block)
+    if "CH" in pattern.split():  # CHIMERA's SSM mode reads model.mamba2, its attention modes model.attention
+        m.mamba2 = registry.default_block_config("mamba2")
+        m.chimera.window = 64 if size == "tiny" else 512
     if moe_every:
         m.moe = registry.default_ffn_config("moe")
+    return fit_blocks_to_width(m)
+
+
+def fit_blocks_to_width(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sizes each mixer family's sub-block from d_model and the attention shape (call again after changing them)."""
+    d, a = m.d_model, m.attention
+    big = d >= 768
+    if "gdn" in m:
+        m.gdn.head_dim = 128 if d >= 1024 else max(8, min(64, d // 4))
+        m.gdn.num_heads = max(1, d // m.gdn.head_dim)
+    if "mamba2" in m:
+        m.mamba2.head_dim = 64 if big else max(8, d // 8)
+        m.mamba2.d_state = 128 if big else 16
+    if "mamba" in m:
+        m.mamba.d_state = 16
+    if "griffin" in m:
+        m.griffin.num_heads = a.num_heads
+    if "mlstm" in m:
+        m.mlstm.num_heads = 4 if d >= 64 else 2
+    if "titans" in m:
+        m.titans.num_heads, m.titans.head_dim = a.num_heads, a.head_dim
+        m.titans.window = 512 if big else 32
+        m.titans.chunk_size = 64 if big else 8
+    if "hassm" in m:
+        m.hassm.attention.num_heads = a.num_heads
+        m.hassm.attention.num_kv_heads = a.num_kv_heads
+        m.hassm.attention.head_dim = a.head_dim
+    if "moe" in m:
+        m.moe.expert_dim = max(8, m.ffn_dim // 2)
+    if "chimera" in m and hasattr(m.chimera, "get") and "window" in m.chimera:
+        m.chimera.window = 512 if big else 32
     return m
 
 
@@ -79,10 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "lm"
     c.seed = 0
-    c.total_steps = 1000 if tiny else 20_000
+    c.total_steps = 800 if tiny else 20_000
     c.log_every = 50 if tiny else 100
-    c.eval_every = 250 if tiny else 2000
-    c.checkpoint_every = 250 if tiny else 2000
+    c.eval_every = 200 if tiny else 2000
+    c.checkpoint_every = 200 if tiny else 2000
     c.max_consecutive_nonfinite = 5   # stop after this many skipped (non-finite) updates in a row
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 takes the remaining devices
     c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))

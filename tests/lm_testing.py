@@ -18,12 +18,13 @@ def micro_config(arch: str = "dense", **overrides):
     c.eval_every = 4
     c.checkpoint_every = 4
     c.checkpoint.async_save = False
-    c.model.num_layers = 2 * len(c.model.pattern.split()) if arch != "dense" else 2
+    c.model.num_layers = len(c.model.pattern.split()) * (2 if len(c.model.pattern.split()) < 4 else 1)
     c.model.d_model = 32
     c.model.ffn_dim = 64
     c.model.attention.num_heads = 2
     c.model.attention.num_kv_heads = 1
     c.model.attention.head_dim = 16
+    lm_configs.fit_blocks_to_width(c.model)
     c.optimizer.warmup_steps = 2
     c.data.seq_len = 32
     c.data.batch_size = 8

@@ -29,7 +29,7 @@ MIXERS: dict[str, MixerSpec] = {
                     "sliding-window attention of width model.attention.window (ring-buffer cache)"),
     "M1": MixerSpec("chimera_jax.layers.mamba", "Mamba", "mamba", (), "Mamba-1 selective SSM"),
     "M2": MixerSpec("chimera_jax.layers.mamba2", "Mamba2", "mamba2", (), "Mamba-2 / SSD"),
-    "RG": MixerSpec("chimera_jax.layers.griffin", "RecurrentBlock", "griffin", (), "Griffin RG-LRU block"),
+    "RG": MixerSpec("chimera_jax.layers.griffin", "GriffinRecurrent", "griffin", (), "Griffin RG-LRU block"),
     "GD": MixerSpec("chimera_jax.layers.gated_deltanet", "GatedDeltaNet", "gdn", (), "Gated DeltaNet"),
     "XM": MixerSpec("chimera_jax.layers.mlstm", "MLSTM", "mlstm", (), "xLSTM mLSTM"),
     "TM": MixerSpec("chimera_jax.layers.titans", "TitansMAC", "titans", (), "Titans neural memory (MAC)"),

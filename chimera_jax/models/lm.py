@@ -56,15 +56,37 @@ class LM(nn.Module):
     def layer_codes(self) -> list[str]:
         return registry.parse_pattern(self.cfg.pattern, self.cfg.num_layers)
 
+    def _schedule(self, iterations: int) -> list[tuple[int, int]]:
+        """(layer index, loop iteration) of every block application, in order; iteration -1 = not looped.
+
+        Looping (Chimera-5.1): layers [0, prelude) run once, the next ``core`` layers run ``iterations`` times with
+        shared weights, the remaining (coda) layers run once.
+        """
+        n = self.cfg.num_layers
+        loop = self.cfg.get("loop")
+        if loop is None or not loop.core:
+            return [(i, -1) for i in range(n)]
+        p, c = loop.prelude, loop.core
+        if p + c > n:
+            raise ValueError(f"model.loop.prelude + model.loop.core = {p + c} exceeds model.num_layers = {n}")
+        return ([(i, -1) for i in range(p)] + [(i, it) for it in range(iterations) for i in range(p, p + c)]
+                + [(i, -1) for i in range(p + c, n)])
+
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[Any, ...]:
-        """One cache per layer, in layer order (each from its mixer's own init_cache)."""
+        """One cache per block application (a looped core layer has one per inference loop), in order."""
         dtype = dtype or common.dtype_of(self.cfg.dtype)
-        return tuple(registry.build_mixer(code, self.cfg, None, parent=None).init_cache(batch, max_len, dtype)
-                     for code in self.layer_codes())
+        codes = self.layer_codes()
+        iterations = self.cfg.loop.inference_loops if self.cfg.get("loop") else 1
+        return tuple(registry.build_mixer(codes[i], self.cfg, None, parent=None).init_cache(batch, max_len, dtype)
+                     for i, _ in self._schedule(iterations))
 
     @nn.compact
-    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, decode=False):
-        """tokens [b t] int32 -> (logits [b t v] float32, cache or None)."""
+    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, decode=False, loop_counts=None):
+        """tokens [b t] int32 -> (logits [b t v] float32, cache or None).
+
+        loop_counts [b] int32: per-sequence number of core loops (training samples them, see
+        ``sample_loop_counts``); None runs ``model.loop.inference_loops`` for every sequence.
+        """
         cfg = self.cfg
         dtype = common.dtype_of(cfg.dtype)
         embedding = common.param(self, "embedding", nn.initializers.normal(cfg.init_std),
@@ -76,11 +98,36 @@ class LM(nn.Module):
         if cfg.remat != "none" and not decode and cache is None:
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
             block_cls = nn.remat(Block, policy=policy, static_argnums=(5,))
+        codes = self.layer_codes()
+        blocks = [block_cls(cfg, code, uses_moe(cfg, i), name=f"layer_{i}") for i, code in enumerate(codes)]
+        loop = cfg.get("loop")
+        looped = loop is not None and loop.core > 0
+        if looped and loop_counts is not None and cache is None:
+            iterations = loop.max_loops
+        else:
+            iterations = loop.inference_loops if looped else 1
+            loop_counts = None
         new_cache = []
-        for i, code in enumerate(self.layer_codes()):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = block_cls(cfg, code, uses_moe(cfg, i), name=f"layer_{i}")(
-                x, segment_ids, positions, layer_cache, decode)
+        injected = None
+        for slot, (i, it) in enumerate(self._schedule(iterations)):
+            layer_cache = None if cache is None else cache[slot]
+            inp = x
+            if it >= 0 and i == loop.prelude:
+                # Input injection: every loop after the first starts from its state plus the prelude's output,
+                # so the prelude keeps a gradient path through the loops that keep theirs.
+                if it == 0:
+                    injected = x
+                else:
+                    inp = x + injected
+            y, layer_cache = blocks[i](inp, segment_ids, positions, layer_cache, decode)
+            if loop_counts is not None and it >= 0:
+                # Sequences whose count is used up keep their state; only the last k loops get a gradient.
+                active = (it < loop_counts)[:, None, None]
+                y = jnp.where(active, y, x)
+                if i == loop.prelude + loop.core - 1:
+                    y = jnp.where((it < loop_counts - loop.backprop_last_k)[:, None, None],
+                                  jax.lax.stop_gradient(y), y)
+            x = y
             new_cache.append(layer_cache)
 
         x = common.rms_norm(cfg, name="final_norm")(x)
@@ -90,6 +137,25 @@ class LM(nn.Module):
             logits = common.dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
         return logits, (None if cache is None else tuple(new_cache))
+
+
+def loop_config() -> ml_collections.ConfigDict:
+    """Sub-block ``model.loop`` (Chimera-5.1 looped depth); core=0 turns looping off.
+
+    prelude / core / coda: layer counts (coda = num_layers - prelude - core). min_loops / max_loops: range of the
+    per-sequence loop count sampled in training. inference_loops: the fixed count at evaluation and sampling.
+    backprop_last_k: gradients flow through the last k loops of each sequence only (truncated backprop).
+    """
+    return ml_collections.ConfigDict(dict(prelude=0, core=0, min_loops=1, max_loops=4, inference_loops=2,
+                                          backprop_last_k=2))
+
+
+def sample_loop_counts(cfg, rng, batch: int):
+    """[b] int32 loop counts, uniform in [min_loops, max_loops], or None when the model does not loop."""
+    loop = cfg.get("loop")
+    if loop is None or not loop.core:
+        return None
+    return jax.random.randint(rng, (batch,), loop.min_loops, loop.max_loops + 1, dtype=jnp.int32)
 
 
 def count_params(params) -> int:

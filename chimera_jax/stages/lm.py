@@ -12,7 +12,7 @@ import numpy as np
 
 from chimera_jax.data import lm_pipeline
 from chimera_jax.layers import registry
-from chimera_jax.models.lm import LM
+from chimera_jax.models.lm import LM, sample_loop_counts
 from chimera_jax.stages.base import Stage
 from chimera_jax.training import optimizer as opt_lib
 from chimera_jax.training.train_state import TrainState, accumulated_grad
@@ -83,26 +83,39 @@ class LMStage(Stage):
         params = variables.pop("params")
         return TrainState.create(params, self.tx, model_state=dict(variables))
 
-    def _forward(self, params, model_state, batch, mutable):
+    def _forward(self, params, model_state, batch, mutable, rng=None):
         variables = {"params": params, **model_state}
+        loop_counts = None if rng is None else sample_loop_counts(self.model_cfg, rng, batch["inputs"].shape[0])
         # Synthetic rows hold one document each: no segment mask, which lets attention take the fused kernel.
         packed = self.config.data.source != "synthetic"
         out, updates = self.model.apply(variables, batch["inputs"],
                                         segment_ids=batch["segment_ids"] if packed else None,
-                                        positions=batch["positions"] if packed else None, mutable=mutable)
+                                        positions=batch["positions"] if packed else None, mutable=mutable,
+                                        loop_counts=loop_counts)
         return out[0], updates
 
     def train_step(self, state: TrainState, batch, rng):
-        mutable = list(state.model_state.keys()) + ["metrics"]
+        # Collections a forward pass may write: the non-parameter state, sown metrics, and MoE expert loads.
+        mutable = list(state.model_state.keys()) + ["metrics", "intermediates"]
 
-        def loss_fn(params, mb, _rng):
-            logits, updates = self._forward(params, state.model_state, mb, mutable)
+        def loss_fn(params, mb, mb_rng):
+            logits, updates = self._forward(params, state.model_state, mb, mutable, rng=mb_rng)
             nll, correct = cross_entropy(logits, mb["targets"], mb["loss_mask"])
             n = jnp.maximum(mb["loss_mask"].sum(), 1.0)
             loss = nll / n
             extra = jax.tree.map(jnp.mean, dict(updates.get("metrics", {})))
             aux_loss = sum(jnp.sum(v) for k, v in _flat(extra).items() if k.endswith("aux_loss"))
-            model_state = {k: v for k, v in updates.items() if k != "metrics"}
+            model_state = {k: v for k, v in updates.items() if k not in ("metrics", "intermediates")}
+            if "moe_stats" in model_state:
+                from chimera_jax.layers import moe
+
+                inter = updates.get("intermediates", {})
+                aux_loss = aux_loss + moe.balance_loss(inter)
+                if self.model_cfg.moe.bias_balance:  # aux-loss-free balancing: the bias follows the loads
+                    model_state["moe_stats"] = moe.update_bias(model_state["moe_stats"], inter,
+                                                               self.model_cfg.moe.bias_update_rate)
+                extra.update({f"moe/{k}": jnp.mean(v) for k, v in _flat(inter).items()
+                              if k.endswith("max_load_ratio")})
             return loss + aux_loss, dict(loss=loss, accuracy=correct / n, model_state=model_state, extra=extra)
 
         total, aux, grads = accumulated_grad(loss_fn, state.params, batch, rng, self.config.optimizer.grad_accum_steps)

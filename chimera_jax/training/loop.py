@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import flax.linen as nn
@@ -144,7 +145,9 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     def save(step, state, force=False):
         ckpt.save(step, state, stage.data.train.get_state(), force=force)
 
-    bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=config.stage)
+    # A log file (no terminal) gets a progress line every 30 s instead of every refresh.
+    bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=config.stage,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     pending = None  # (step, metrics) of the last dispatched step, read one step late so the device stays busy
     t_last, step_last = time.perf_counter(), start
     eval_result = None
