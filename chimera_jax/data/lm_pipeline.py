@@ -61,7 +61,7 @@ def document_sources(data_cfg) -> tuple[list[str], list[str]]:
         val = tfds_text.text_data_source(built, "validation")
         return [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
     if data_cfg.source != "text":
-        raise ValueError(f"data.source must be 'text', 'tfds' or 'synthetic', got {data_cfg.source!r}")
+        raise ValueError(f"data.source must be 'text', 'tfds', 'synthetic', 'mqar' or 'niah', got {data_cfg.source!r}")
     docs = text_lib.read_documents(paths, data_cfg.document_split)
     return text_lib.train_validation_split(docs, data_cfg.validation_fraction)
 
@@ -70,6 +70,10 @@ def build(data_cfg, *, seed: int, vocab_size: int) -> LMData:
     """The training iterator and the fixed validation batches for ``config.data``."""
     if data_cfg.source == "synthetic":
         return _synthetic(data_cfg, seed=seed, vocab_size=vocab_size)
+    if data_cfg.source in ("mqar", "niah"):  # synthetic recall tasks (data/synthetic_recall.py)
+        from chimera_jax.data import synthetic_recall
+
+        return synthetic_recall.build(data_cfg, seed=seed, vocab_size=vocab_size)
     train_docs, val_docs = document_sources(data_cfg)
     tokenizer = tokenizers.build_tokenizer(data_cfg, train_docs)
     if tokenizer.vocab_size > vocab_size:

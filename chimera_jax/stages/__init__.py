@@ -5,6 +5,8 @@ import importlib
 
 STAGES = {
     "lm": ("chimera_jax.stages.lm", "LMStage"),
+    "vq": ("chimera_jax.stages.vq", "VQStage"),
+    "planner": ("chimera_jax.stages.planner", "PlannerStage"),
 }
 
 

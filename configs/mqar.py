@@ -1,0 +1,69 @@
+"""Multi-query associative recall (Zoology form) on 2-layer models:
+``--config=configs/mqar.py:arch=NAME,d_model=D,seq_len=L,num_kv_pairs=P``.
+
+arch: dense (attention) | mamba2 | gdn (Gated DeltaNet) | sliding (sliding-window attention) | chimera
+Other variants: vocab_size (8192 as in Zoology), lr (peak learning rate), steps, batch_size, window (W of the
+sliding-window layers and of CHIMERA's window mode), power_a, random_non_queries.
+The eval accuracy (``eval/accuracy``) is the recall accuracy over the query positions of held-out rows.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from chimera_jax import config_lib
+from chimera_jax.data import synthetic_recall
+from configs import lm as lm_configs
+
+# MQAR arch -> the language-model arch it is built from.
+ARCHS = {"dense": "dense", "mamba2": "mamba2", "gdn": "gdn", "sliding": "dense", "chimera": "chimera"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    v = config_lib.parse_variant(arg, dict(arch="dense", d_model=64, seq_len=64, num_kv_pairs=4, vocab_size=8192,
+                                           lr=1e-3, steps=2000, batch_size=64, window=32, power_a=0.01,
+                                           random_non_queries=True))
+    config_lib.check_choice("arch", v["arch"], ARCHS)
+    c = lm_configs.get_config(f"arch={ARCHS[v['arch']]},size=tiny")
+    c.unlock()
+    d = int(v["d_model"])
+    m = c.model
+    m.num_layers = 2
+    m.d_model = d
+    m.ffn_dim = 2 * d
+    m.vocab_size = int(v["vocab_size"])
+    m.tie_embeddings = False
+    m.attention.head_dim = 32 if d >= 64 else d
+    m.attention.num_heads = m.attention.num_kv_heads = max(1, d // m.attention.head_dim)
+    if v["arch"] == "sliding":
+        m.pattern = "SW"
+        m.attention.window = int(v["window"])
+    if "mamba2" in m:
+        m.mamba2.d_state = 64
+        m.mamba2.head_dim = min(64, 2 * d)
+    if "gdn" in m:
+        m.gdn.head_dim = 32 if d >= 64 else d
+        m.gdn.num_heads = max(1, d // m.gdn.head_dim)
+    if "chimera" in m:
+        m.chimera.window = int(v["window"])
+
+    c.total_steps = int(v["steps"])
+    c.log_every = 50
+    c.eval_every = c.total_steps
+    c.checkpoint_every = c.total_steps
+    c.checkpoint.async_save = False
+    c.optimizer.learning_rate = float(v["lr"])
+    c.optimizer.warmup_steps = max(1, c.total_steps // 20)
+    c.optimizer.weight_decay = 0.1
+
+    data = c.data
+    data.source = "mqar"
+    data.seq_len = int(v["seq_len"])
+    data.batch_size = int(v["batch_size"])
+    data.eval_batches = 4
+    mq = synthetic_recall.mqar_config()
+    mq.vocab_size = int(v["vocab_size"])
+    mq.num_kv_pairs = int(v["num_kv_pairs"])
+    mq.power_a = float(v["power_a"])
+    mq.random_non_queries = bool(v["random_non_queries"])
+    data.mqar = mq
+    return config_lib.lock(c)
