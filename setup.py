@@ -6,6 +6,7 @@ setup(
     description="JAX/Flax research code for the Chimera family of hybrid sequence models",
     python_requires=">=3.12",
     packages=find_packages(include=["chimera_jax", "chimera_jax.*", "kernels_pallas", "kernels_pallas.*"]),
+    package_data={"chimera_jax.data": ["corpora/*"]},
     install_requires=[
         "jax==0.11.2",
         "jaxlib==0.11.2",
