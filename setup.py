@@ -25,6 +25,8 @@ setup(
         "numpy",
         "matplotlib",
         "pillow",
+        "safetensors==0.8.0",   # export
+        "flatbuffers==25.12.19",  # jax.export serialization
     ],
     extras_require={"test": ["pytest", "pytest-xdist"]},
 )

@@ -145,7 +145,9 @@ class Attention(nn.Module):
         if segment_ids is not None:
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         bias = self._bias(positions, positions, q.dtype) if a.position == "alibi" else None
-        return attend(q, k, v, mask, bias)
+        if q.dtype == jnp.float64:  # jax's XLA attention rounds softmax to float32; the written-out form does not
+            return attend(q, k, v, mask, bias)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None], implementation="xla")
 
     def _attend_cached(self, q, k, v, positions, cache: KVCache):
         """Attends over (cached keys ++ new keys), then writes the new keys into the cache."""

@@ -97,3 +97,14 @@ def test_byte_tokenizer_round_trip():
     tok = tokenizers.ByteTokenizer()
     s = "héllo\nworld"
     assert tok.decode(tok.encode(s)) == s and tok.token_bytes[tok.encode(s)].sum() == len(s.encode())
+
+
+def test_tfds_source_gives_the_same_documents_as_text(tmp_path):
+    path, _ = _corpus(tmp_path)
+    c = micro_config(**{"data.text_files": path, "data.cache_dir": str(tmp_path / "cache")})
+    text_train, text_val = lm_pipeline.document_sources(c.data)
+    c.data.source = "tfds"
+    tfds_train, tfds_val = lm_pipeline.document_sources(c.data)
+    assert tfds_train == text_train and tfds_val == text_val
+    data = lm_pipeline.build(c.data, seed=0, vocab_size=c.model.vocab_size)
+    assert next(data.train)["inputs"].shape == (c.data.batch_size, c.data.seq_len)
