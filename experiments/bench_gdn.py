@@ -113,7 +113,7 @@ def report(out_dir, *parts):
         rows += d["rows"]
         meta.update(d["meta"])
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    lines = [f"# Gated delta rule, bf16, median ms (one process per framework, same GPU)", "",
+    lines = ["# Gated delta rule, bf16, median ms (one process per framework, same GPU)", "",
              "meta: " + ", ".join(f"{k}={v}" for k, v in meta.items()), ""]
     for key in ("fwd_bwd_ms", "fwd_ms"):
         lines += [f"## {key}", "", "| B, T, H, D | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]

@@ -30,22 +30,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from chimera_jax.ops.common import resets as _resets, state_dtype as _state_dtype
+
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
-def _state_dtype(dtype) -> jnp.dtype:
-    """float32 state for bf16 / fp32 inputs; float64 when the inputs are float64 (tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
-def _resets(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
-    """[b t] bool: True where the state is zeroed before the step (document starts other than position 0)."""
-    if segment_ids is None:
-        return jnp.zeros((b, t), bool)
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    return segment_ids != prev
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids):

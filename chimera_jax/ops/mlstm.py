@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from chimera_jax.ops.common import resets as _resets, state_dtype as _state_dtype
+
 IMPLS = ("auto", "xla", "reference")
 
 
@@ -45,16 +47,8 @@ def zero_state(b: int, h: int, dk: int, dv: int, dtype) -> MLSTMState:
     return MLSTMState(C=jnp.zeros((b, h, dk, dv), dtype), n=jnp.zeros((b, h, dk), dtype), m=jnp.zeros((b, h), dtype))
 
 
-def _state_dtype(dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
 
 
-def _resets(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
-    """[b t] bool: True where the state is dropped before the step (document starts other than position 0)."""
-    if segment_ids is None:
-        return jnp.zeros((b, t), bool)
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    return segment_ids != prev
 
 
 def _check(q, k, v, i_gate, f_gate, initial_state, segment_ids):

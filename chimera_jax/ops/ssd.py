@@ -22,19 +22,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from chimera_jax.ops.common import resets as _resets, state_dtype as _state_dtype
+
 IMPLS = ("auto", "xla", "reference")
 
 
-def _state_dtype(dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
 
 
-def _resets(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
-    """[b t] bool: True where the state is zeroed before the step (document starts other than position 0)."""
-    if segment_ids is None:
-        return jnp.zeros((b, t), bool)
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    return segment_ids != prev
 
 
 def _check(x, dt, A, B, C, initial_state, segment_ids):

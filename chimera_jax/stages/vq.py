@@ -24,7 +24,6 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections

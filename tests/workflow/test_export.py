@@ -14,7 +14,7 @@ import pytest
 from chimera_jax import export
 from chimera_jax.models.lm import LM
 from chimera_jax.training import checkpointing, loop
-from tests.lm_testing import REPO, cli, micro_config
+from tests.lm_testing import cli, micro_config
 
 
 @pytest.fixture(scope="module")
