@@ -26,7 +26,7 @@ $(STAMP): setup.py requirements-dev.txt
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(PY) -m chimera_jax.train --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
-	$(PY) -m chimera_jax.generate --workdir=$(DEMO_DIR) --prompt="ROMEO:" --max_new_tokens=300 --temperature=0.8 --top_k=40
+	$(PY) -m chimera_jax.generate --workdir=$(DEMO_DIR) --prompt="ROMEO:" --max_new_tokens=300 --temperature=0.8 --top_k=40 --stop_at_eos=false
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist=loadfile tests

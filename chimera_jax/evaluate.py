@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir made by chimera_jax.train (stage lm).")
@@ -56,6 +56,7 @@ def evaluate_file(workdir: str, text_file: str, *, seq_len: int | None = None, b
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     print(json.dumps(evaluate_file(FLAGS.workdir, FLAGS.text_file, seq_len=FLAGS.seq_len,
                                    batch_size=FLAGS.batch_size, step=FLAGS.step)))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir made by chimera_jax.train (stage lm).")
@@ -19,11 +19,13 @@ flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1 = off)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("interactive", False, "Keep a prompt loop open.")
+flags.DEFINE_bool("stop_at_eos", True, "Stop at the end of a document (else sample on into the next one).")
 flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # keep checkpoint-restore chatter out of the sample
     from chimera_jax import sampling
 
     sampler = sampling.Sampler(FLAGS.workdir, FLAGS.step)
@@ -32,7 +34,7 @@ def main(argv):
     def run(prompt: str, seed: int) -> None:
         sys.stdout.write(prompt)
         sampler.generate(prompt, FLAGS.max_new_tokens, opts, seed,
-                         on_token=sampling.stream_to(sys.stdout, sampler.tokenizer))
+                         on_token=sampling.stream_to(sys.stdout, sampler.tokenizer), stop_at_eos=FLAGS.stop_at_eos)
         sys.stdout.write("\n")
         sys.stdout.flush()
 

@@ -66,7 +66,9 @@ class Sampler:
         self._decode = jax.jit(lambda v, tok, cache: self.model.apply(v, tok, cache=cache, decode=True))
 
     def generate(self, prompt: str, max_new_tokens: int, opts: SamplingOptions, seed: int = 0,
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
+                 on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True) -> list[int]:
+        """Samples up to ``max_new_tokens`` after ``prompt``; past an end of document it goes on to the next
+        document unless ``stop_at_eos``."""
         tok = self.tokenizer
         ids = np.concatenate([[tok.bos_id], tok.encode(prompt)]).astype(np.int32)[None]  # [1 t]
         cache = self.model.init_cache(1, ids.shape[1] + max_new_tokens)
@@ -78,7 +80,7 @@ class Sampler:
         for i in range(max_new_tokens):
             t = next_token(last, seen, jax.random.fold_in(rng, i), opts)
             token = int(t[0])
-            if token == tok.eos_id:
+            if token == tok.eos_id and stop_at_eos:
                 break
             out.append(token)
             if on_token:
@@ -108,6 +110,8 @@ def stream_to(stream=sys.stdout, tokenizer=None) -> Callable[[int], None]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def emit(token: int) -> None:
+        if token == tokenizer.eos_id:  # documents were separated by a blank line in the corpus
+            stream.write("\n")
         stream.write(decoder.decode(tokenizer.decode_bytes([token])))
         stream.flush()
 
