@@ -13,7 +13,7 @@ checkpoint, so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -110,7 +110,3 @@ def _synthetic(data_cfg, *, seed: int, vocab_size: int) -> LMData:
     train = grain.MapDataset.range(1 << 40).map(make).to_iter_dataset()
     return LMData(tokenizer=tokenizers.ByteTokenizer(), train=iter(train),
                   eval_batches=[make((1 << 41) + i) for i in range(data_cfg.eval_batches)])
-
-
-def take(it: Iterator, n: int) -> list:
-    return [next(it) for _ in range(n)]

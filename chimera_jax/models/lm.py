@@ -156,7 +156,3 @@ def sample_loop_counts(cfg, rng, batch: int):
     if loop is None or not loop.core:
         return None
     return jax.random.randint(rng, (batch,), loop.min_loops, loop.max_loops + 1, dtype=jnp.int32)
-
-
-def count_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
