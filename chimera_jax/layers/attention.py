@@ -7,13 +7,52 @@ decode all use the same rule  ``key visible  <=>  same document, k_pos <= q_pos,
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax._src import mesh as mesh_lib  # the legacy ``with mesh:`` context; jax has no public getter for it
+from jax.sharding import Mesh, PartitionSpec as P
 
 from chimera_jax.layers import common, positions as pos_lib
+
+QKV_AXES = ("act_batch", "act_length", "act_heads", None)  # logical names of q, k, v [b t h k] / [b t g k]
+
+
+def _context_mesh() -> Mesh | None:
+    """The mesh the caller traces under (``jax.set_mesh`` or the older ``with mesh:``), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    physical = mesh_lib.thread_resources.env.physical_mesh
+    return None if physical.empty else physical
+
+
+def per_shard(fn, q, k, v):
+    """``fn(q, k, v)`` run on each device's shard of the batch (and of the heads under tensor parallelism).
+
+    Attention is independent across examples and heads, so no communication is needed. Calling cuDNN's fused
+    attention inside ``shard_map`` keeps it away from its custom partitioner, which rejects the shardings that
+    propagation gives q, k and v under FSDP with grouped KV heads ("Query, key and value should have same
+    sharding"). Without a mesh, or on one device, this is just ``fn(q, k, v)``.
+    """
+    mesh = _context_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(q, k, v)
+    spec = nn.logical_to_mesh_axes(QKV_AXES)
+
+    def live(axes, dim):  # the mesh axes of one dimension that exist, have size > 1 and split it evenly
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        return axes if axes and all(x.shape[dim] % n == 0 for x in (q, k, v)) else None
+
+    spec = P(live(spec[0], 0), None, live(spec[2], 2), None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -137,8 +176,9 @@ class Attention(nn.Module):
         if use_cudnn and a.position != "alibi" and segment_ids is None:
             # Flash attention: causal (and local) masking without materialising [t s] logits.
             window = (a_w - 1, 0) if (a_w := self._window) else None
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                                implementation="cudnn")
+            flash = functools.partial(jax.nn.dot_product_attention, is_causal=True, local_window_size=window,
+                                      implementation="cudnn")
+            return per_shard(flash, q, k, v)
         mask = _visible(positions, positions, self._window)
         # Index order, not positions, is what makes attention causal inside one packed row.
         mask &= jnp.tril(jnp.ones((t, t), bool))[None]

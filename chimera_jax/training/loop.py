@@ -119,7 +119,10 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
     def step_fn(state, batch):
-        return stage.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+        state, metrics = stage.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+        # The counter leaves as a metric of its own: the state's buffers are donated to the next step, so the host
+        # must never hold on to them (on GPU a donated buffer is gone).
+        return state, dict(metrics, nonfinite_in_a_row=state.nonfinite_in_a_row)
 
     with mesh, nn.logical_axis_rules(list(rules)):
         train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
@@ -181,9 +184,9 @@ def train(config, workdir: str, *, stop_after: int | None = None):
             step += 1
             if pending is not None:
                 flush(pending)
-            pending = (step, dict(m, nonfinite_in_a_row=state.nonfinite_in_a_row))
+            pending = (step, m)
             bar.update(1)
-            if int(jax.device_get(state.nonfinite_in_a_row)) >= config.max_consecutive_nonfinite:
+            if int(jax.device_get(m["nonfinite_in_a_row"])) >= config.max_consecutive_nonfinite:
                 flush(pending)
                 save(step, state, force=True)
                 ckpt.close()

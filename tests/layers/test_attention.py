@@ -1,3 +1,6 @@
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,3 +90,22 @@ def test_bad_head_counts_are_named():
     cfg = _cfg(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="num_kv_heads"):
         attention.Attention(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 16)))
+
+
+def test_per_shard_attention_equals_unsharded_under_a_mesh():
+    """The cuDNN path runs through attention.per_shard inside shard_map; the XLA kernel stands in for it on CPU."""
+    from chimera_jax.training import sharding
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(ks[0], (8, 16, 8, 4))   # [b t h k]
+    k = jax.random.normal(ks[1], (8, 16, 2, 4))   # [b t g k]: grouped KV heads, as in the failing FSDP case
+    v = jax.random.normal(ks[2], (8, 16, 2, 4))
+    flash = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla")
+    want = flash(q, k, v)
+    for layout in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=2, tensor=4)):
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(layout))
+        with mesh, nn.logical_axis_rules(list(sharding.LOGICAL_RULES)):
+            fn = lambda a, b, c: attention.per_shard(flash, a, b, c)  # noqa: E731
+            assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+            got = jax.jit(fn)(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=str(layout))
