@@ -71,7 +71,8 @@ def plot(pieces, modes, names, path: str, title: str = ""):
            for i in range(l)]
     ax.set_title(title or "CHIMERA router: mode per token and layer", fontsize=9)
     ax.legend(handles=[Patch(color=c, label=m) for c, m in zip(MODE_COLOURS, chimera.MODES)],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(chimera.MODES), frameon=False, fontsize=7)
+    # Above the plot: at the right it would cover the per-layer mix labels of the secondary axis.
     ax2 = ax.secondary_yaxis("right")
     ax2.set_yticks(range(l), mix, fontsize=6)
     fig.tight_layout()
