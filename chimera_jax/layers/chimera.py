@@ -23,6 +23,11 @@ Rules that hold identically in the parallel path, prefill and decode:
   path (and the cache sizing) uses the same integer arithmetic. ``overflow_mode`` itself is never capped.
 - Padding (segment id 0) is routed to identity and counted nowhere.
 
+Cost: training runs both attention modes as one attention call (each token with its own mode's Q/K/V, keys
+masked to the query's mode) in query chunks, so memory is O(b h c t) for a chunk of c queries, not O(b h t t)
+per mode. Decode advances the SSM on every token but runs an attention mode only if some row of the batch chose
+it (at batch 1 a step pays for at most one attention), and reads the m2 buffer only up to its filled part.
+
 Aux-loss-free balancing (the rule of Wang et al., 2024, used by ``layers/moe.py``, here toward a target mix
 rather than toward equal loads): after each training forward pass ``bias_i += rate * sign(target_i - load_i)``
 with ``load_i`` the fraction of the step's tokens that chose mode i. ``moe.update_bias`` pulls toward the mean
@@ -64,10 +69,15 @@ def default_config() -> ml_collections.ConfigDict:
       token) or 3 (identity); this mode is never capped.
     bias_balance: steer selection with the balancing bias (False keeps the bias out of selection).
     bias_update_rate: gamma of bias_i += gamma * sign(target_i - load_i).
+    decode_skip_unchosen: in decode, compute an attention mode only when some row's token chose it (lax.switch);
+      False computes both modes on every step (the reference the tests hold the skipping path to).
+    decode_read_block: in decode, read the full-attention cache only up to its filled part rounded up to
+      decode_read_block * 4^k slots (at most the capacity); 0 reads the whole buffer every step.
     """
     return ml_collections.ConfigDict(dict(router_hidden=64, window=512, target_mix=(0.25, 0.25, 0.25, 0.25),
                                           capacity_factor=(1.25, 1.25, 1.25, 1.25), overflow_mode=0,
-                                          bias_balance=True, bias_update_rate=1e-2))
+                                          bias_balance=True, bias_update_rate=1e-2, decode_skip_unchosen=True,
+                                          decode_read_block=1024))
 
 
 @flax.struct.dataclass
@@ -175,35 +185,48 @@ def update_bias(bias: jax.Array, load: jax.Array, target: jax.Array, rate: float
     return bias + rate * jnp.sign(target - load).astype(bias.dtype)
 
 
-# ------------------------------------------------------------------------------------------------- modules
+# ------------------------------------------------------------------------------------------------ attention
 
-class _ModeAttention(nn.Module):
-    """Q/K/V/O projections and RoPE of one attention mode (m1 and m2 keep their own weights)."""
+LOGITS_BUDGET = 1 << 29  # bytes of float32 logits one query chunk of the parallel path / prefill may hold
 
-    cfg: ml_collections.FrozenConfigDict
 
-    def qkv(self, x, positions):
-        cfg, a = self.cfg, self.cfg.attention
-        h, g, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        q = common.dense(cfg, (h, hd), ("embed", "heads", "head_dim"), name="q_proj")(x)   # [b t h k]
-        k = common.dense(cfg, (g, hd), ("embed", "kv_heads", "head_dim"), name="k_proj")(x)  # [b t g k]
-        v = common.dense(cfg, (g, hd), ("embed", "kv_heads", "head_dim"), name="v_proj")(x)  # [b t g k]
-        if a.position == "rope":
-            inv_freq = pos_lib.rope_frequencies(hd, a.rope_theta, a.rope_scaling_factor)
-            q = pos_lib.apply_rope(q, positions, inv_freq)
-            k = pos_lib.apply_rope(k, positions, inv_freq)
-        return q, k, v
+def query_chunk(b: int, h: int, t: int, s: int, budget: int | None = None) -> int:
+    """Queries per chunk such that one chunk's [b h c s] float32 logits fit in ``budget`` bytes (default
+    LOGITS_BUDGET; t if all fit); a power of two otherwise, so that common sequence lengths split without
+    padding."""
+    budget = LOGITS_BUDGET if budget is None else budget
+    per_query = b * h * s * 4
+    if t * per_query <= budget:
+        return t
+    c = max(1, budget // per_query)
+    return 1 << (c.bit_length() - 1)
 
-    def out(self, o):
-        b, t, h, hd = o.shape
-        return common.dense(self.cfg, self.cfg.d_model, ("heads", "embed"), name="o_proj")(
-            o.astype(common.dtype_of(self.cfg.dtype)).reshape(b, t, h * hd))
 
-    @nn.compact
-    def __call__(self, x, positions, attend_fn):
-        q, k, v = self.qkv(x, positions)
-        o, extra = attend_fn(q, k, v)
-        return self.out(o), extra
+def attend_chunked(q, k, v, visible, q_aux, k_aux, chunk: int):
+    """``attend(q, k, v, visible(q_aux, k_aux))`` computed ``chunk`` queries at a time.
+
+    q [b t h k], k/v [b s g k]; q_aux a tuple of [b t] arrays, k_aux a tuple of [b s] arrays; visible(q_aux,
+    k_aux) -> [b t s] bool. Each query row's softmax is the same computation as in one call, so the result is
+    identical; what changes is memory: the [b h c s] logits and mask live for one chunk at a time, and the chunk
+    body is rematerialised in the backward pass, so neither the forward nor the backward holds O(t s) per head.
+    """
+    b, t = q.shape[:2]
+    if chunk >= t:
+        return attend(q, k, v, visible(q_aux, k_aux))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(a):  # [b t ...] -> [n b c ...]; padded queries see garbage and are sliced off below
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        qc, aux = args
+        return attend(qc, k, v, visible(aux, k_aux))
+
+    out = jax.lax.map(one, (split(q), tuple(split(a) for a in q_aux)))  # [n b c h k]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :t]
 
 
 def _visible(q_pos, k_pos, window: int):
@@ -215,6 +238,92 @@ def _visible(q_pos, k_pos, window: int):
     return ok
 
 
+def mode_visible(window: int):
+    """Mask of the parallel path's one attention call over both attention modes (see ``Chimera``):
+    aux = (mode, position, index, segment) [b t] each; key j is visible to query i iff both ran the same
+    attention mode (m1 or m2), same document, j <= i (index and position), and pos_i - pos_j < W when that mode
+    is m1. A query of m0 / m3 sees nothing (its output is zero and unused)."""
+    def visible(qa, ka):
+        q_mode, q_pos, q_idx, q_seg = qa
+        k_mode, k_pos, k_idx, k_seg = ka
+        delta = q_pos[:, :, None] - k_pos[:, None, :]
+        k_attn = (k_mode == WINDOW) | (k_mode == FULL)
+        ok = (q_mode[:, :, None] == k_mode[:, None, :]) & k_attn[:, None, :]
+        ok &= (delta >= 0) & (q_idx[:, :, None] >= k_idx[:, None, :]) & (q_seg[:, :, None] == k_seg[:, None, :])
+        return ok & ((q_mode != WINDOW)[:, :, None] | (delta < window))
+    return visible
+
+
+def read_lengths(capacity: int, block: int) -> tuple[int, ...]:
+    """The static read lengths of the m2 cache in decode: block * 4^k below the capacity, then the capacity
+    (block 0: the capacity only). A step reads the shortest one holding every filled slot, so it touches at
+    most 4x the filled part (at least ``block`` slots) instead of the whole buffer.
+
+    Why static lengths under a lax.switch rather than a loop over blocks up to the filled length: a while loop
+    with a data-dependent trip count costs a device-to-host round trip per block on GPU plus an online-softmax
+    rescale per block, whereas a switch decides once per layer and reads in one pass. Each length is one more
+    compiled copy of the attention read, hence the factor 4 between lengths (few copies, quick compiles).
+    """
+    out, n = [], block
+    while block and n < capacity:
+        out.append(n)
+        n *= 4
+    return tuple(out) + (capacity,)
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+class _ModeAttention(nn.Module):
+    """Q/K/V/O projections and RoPE of one attention mode (m1 and m2 keep their own weights). Defined in setup so
+    that the parent can call ``qkv`` and ``out`` separately (one attention call serves both modes in training,
+    and decode runs them inside a lax.switch)."""
+
+    cfg: ml_collections.FrozenConfigDict
+
+    def setup(self):
+        cfg, a = self.cfg, self.cfg.attention
+        h, g, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_proj = common.dense(cfg, (h, hd), ("embed", "heads", "head_dim"))
+        self.k_proj = common.dense(cfg, (g, hd), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = common.dense(cfg, (g, hd), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = common.dense(cfg, cfg.d_model, ("heads", "embed"))
+
+    def qkv(self, x, positions):
+        a = self.cfg.attention
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b t h k] [b t g k] [b t g k]
+        if a.position == "rope":
+            inv_freq = pos_lib.rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling_factor)
+            q = pos_lib.apply_rope(q, positions, inv_freq)
+            k = pos_lib.apply_rope(k, positions, inv_freq)
+        return q, k, v
+
+    def out(self, o):
+        b, t, h, hd = o.shape
+        return self.o_proj(o.astype(common.dtype_of(self.cfg.dtype)).reshape(b, t, h * hd))
+
+
+def _decode_branches(cfg, lengths: tuple[int, ...], window: int):
+    """lax.switch branches of one attention mode in decode: 0 skips the mode (no row's token chose it: nothing
+    is projected, read or written, only the index advances), 1 + i writes the new token into its slot and then
+    reads the first lengths[i] slots. Writing first is exact for one token: its own key must be visible, and the
+    ring slot it overwrites held position p - W, which the window excludes anyway."""
+    dtype = common.dtype_of(cfg.dtype)
+
+    def skip(mdl, x, positions, kv, k_pos, slots):
+        return jnp.zeros(x.shape[:2] + (cfg.d_model,), dtype), kv.replace(index=kv.index + 1)
+
+    def read(n):
+        def branch(mdl, x, positions, kv, k_pos, slots):
+            q, k, v = mdl.qkv(x, positions)
+            kv = _write(kv, k, v, k_pos, slots, 1, ring=False)
+            o = attend(q, kv.k[:, :n].astype(q.dtype), kv.v[:, :n].astype(q.dtype),
+                       _visible(positions, kv.pos[:, :n], window))
+            return mdl.out(o), kv
+        return branch
+
+    return [skip] + [read(n) for n in lengths]
+
+
 def full_capacity(cfg, max_len: int) -> int:
     """Slots of the m2 cache: the most tokens the full-attention mode can admit in max_len positions."""
     u = capacity_units(cfg.chimera)[FULL]
@@ -222,7 +331,14 @@ def full_capacity(cfg, max_len: int) -> int:
 
 
 class Chimera(nn.Module):
-    """The CHIMERA mixer (see the module docstring); follows the sequence-mixer contract."""
+    """The CHIMERA mixer (see the module docstring); follows the sequence-mixer contract.
+
+    Training (no cache): the SSM over every token, then ONE attention call for both attention modes: each token
+    takes the Q/K/V of its own mode, and the mask lets a query see only keys of its own mode (``mode_visible``),
+    in query chunks (``attend_chunked``) so no [b h t t] tensor is held. Prefill (a cache, t > 1): per mode over
+    (cache ++ new keys), chunked likewise. Decode (t = 1): the SSM always; each attention mode inside a
+    lax.switch that skips it when no row chose it and otherwise reads only the filled part of its cache.
+    """
 
     cfg: ml_collections.FrozenConfigDict
 
@@ -239,6 +355,8 @@ class Chimera(nn.Module):
                              f"num_kv_heads={cfg.attention.num_kv_heads}")
         if cfg.chimera.window <= 0:
             raise ValueError(f"model.chimera.window must be > 0, got {cfg.chimera.window}")
+        if cfg.chimera.get("decode_read_block", 0) < 0:
+            raise ValueError(f"model.chimera.decode_read_block must be >= 0, got {cfg.chimera.decode_read_block}")
         return capacity_units(cfg.chimera)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> ChimeraCache:
@@ -272,7 +390,6 @@ class Chimera(nn.Module):
             positions = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
             starts = positions == 0
             count0 = cache.count
-            seg = None
         else:
             starts = common.segment_starts(segment_ids, t, b)
             if positions is None:
@@ -280,7 +397,6 @@ class Chimera(nn.Module):
                 idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
                 positions = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
             count0 = jnp.zeros((b, 4), jnp.int32)
-            seg = segment_ids
         positions = positions.astype(jnp.int32)
 
         # Router: full precision (also under ternary=True) since a flipped choice swaps a whole mixer.
@@ -302,38 +418,21 @@ class Chimera(nn.Module):
         y_ssm, ssm_cache = mamba2.Mamba2(cfg, name="ssm")(x, segment_ids=segment_ids,
                                                           cache=None if cache is None else cache.ssm, decode=decode)
 
-        # m1 / m2: keys of other modes get position -1, which every mask treats as an empty slot.
-        def attn_fn(m, window, kv_cache, slots_of):
-            def fn(q, k, v):
-                k_pos = jnp.where(mode == m, positions, -1)
-                if kv_cache is None:
-                    mask = _visible(positions, k_pos, window)
-                    mask &= jnp.tril(jnp.ones((t, t), bool))[None]
-                    if seg is not None:
-                        mask &= seg[:, :, None] == seg[:, None, :]
-                    return attend(q, k, v, mask), None
-                k_all = jnp.concatenate([kv_cache.k.astype(k.dtype), k], axis=1)  # [b s+t g k]
-                v_all = jnp.concatenate([kv_cache.v.astype(v.dtype), v], axis=1)
-                pos_all = jnp.concatenate([kv_cache.pos, k_pos], axis=1)      # [b s+t]
-                out = attend(q, k_all, v_all, _visible(positions, pos_all, window))
-                return out, _write(kv_cache, k, v, k_pos, slots_of(k_pos), t, ring=window > 0)
-            return fn
-
-        window = c.window
-        win_cache = None if cache is None else cache.window
-        full_cache = None if cache is None else cache.full
-
-        def ring_slots(k_pos):
-            size = win_cache.k.shape[1]
-            return jnp.where(k_pos >= 0, k_pos % size, size)  # size = out of range = not written
-
-        def compact_slots(k_pos):
-            return jnp.where(k_pos >= 0, before[..., FULL], full_cache.k.shape[1])
-
-        y_win, new_win = _ModeAttention(cfg, name="window_attn")(x, positions,
-                                                                 attn_fn(WINDOW, window, win_cache, ring_slots))
-        y_full, new_full = _ModeAttention(cfg, name="full_attn")(x, positions,
-                                                                 attn_fn(FULL, 0, full_cache, compact_slots))
+        win_attn = _ModeAttention(cfg, name="window_attn")
+        full_attn = _ModeAttention(cfg, name="full_attn")
+        h = cfg.attention.num_heads
+        if cache is None:
+            y_win, y_full = self._parallel_attention(win_attn, full_attn, x, mode, positions, segment_ids)
+            new_win = new_full = None
+        elif decode:
+            y_win, new_win = self._decode_attention(win_attn, WINDOW, x, mode, positions, before, count,
+                                                    cache.window)
+            y_full, new_full = self._decode_attention(full_attn, FULL, x, mode, positions, before, count,
+                                                      cache.full)
+        else:
+            y_win, new_win = _prefill_attention(win_attn, WINDOW, c.window, x, mode, positions, before,
+                                                cache.window, h)
+            y_full, new_full = _prefill_attention(full_attn, FULL, 0, x, mode, positions, before, cache.full, h)
 
         g = gate.astype(dtype)
         y = jnp.where((mode == SSM)[..., None], g * y_ssm.astype(dtype),
@@ -359,6 +458,63 @@ class Chimera(nn.Module):
             new_cache = ChimeraCache(ssm=ssm_cache, window=new_win, full=new_full, count=count,
                                      index=cache.index + t)
         return y, new_cache
+
+    def _parallel_attention(self, win_attn, full_attn, x, mode, positions, segment_ids):
+        """Both attention modes in one chunked attention call; returns (y_win, y_full) [b t d] (each valid on
+        the tokens of its mode). A token of m1 queries with m1's Q over the K/V that m1's weights give the m1
+        tokens, and likewise for m2, so the combined call equals the two separate masked calls on every token
+        whose output is used, at half their cost and with no [b h t t] tensor held."""
+        b, t, _ = x.shape
+        qw, kw, vw = win_attn.qkv(x, positions)
+        qf, kf, vf = full_attn.qkv(x, positions)
+        is_win = (mode == WINDOW)[..., None, None]
+        q, k, v = (jnp.where(is_win, a_w, a_f) for a_w, a_f in ((qw, qf), (kw, kf), (vw, vf)))
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        aux = (mode, positions, idx, seg)
+        chunk = query_chunk(b, self.cfg.attention.num_heads, t, t)
+        o = attend_chunked(q, k, v, mode_visible(self.cfg.chimera.window), aux, aux, chunk)
+        return win_attn.out(o), full_attn.out(o)
+
+    def _decode_attention(self, mdl, m, x, mode, positions, before, count, kv):
+        """One attention mode for one decoded token: lax.switch over skip / read the first n slots."""
+        c = self.cfg.chimera
+        size = kv.k.shape[1]
+        window = c.window if m == WINDOW else 0
+        k_pos = jnp.where(mode == m, positions, -1)                            # [b 1]
+        if m == WINDOW:
+            slots = jnp.where(k_pos >= 0, k_pos % size, size)                  # ring slot; size = not written
+            lengths = (size,)
+            need = jnp.int32(size)
+        else:
+            slots = jnp.where(k_pos >= 0, before[..., FULL], size)             # compact slot = admission rank
+            lengths = read_lengths(size, c.get("decode_read_block", 1024))
+            need = jnp.max(count[:, FULL])                                     # filled slots after this token
+        branches = _decode_branches(self.cfg, lengths, window)
+        if self.is_initializing() or not c.get("decode_skip_unchosen", True):
+            return branches[-1](mdl, x, positions, kv, k_pos, slots)           # the reference: always the whole
+        bucket = jnp.sum(jnp.asarray(lengths[:-1], jnp.int32) < need)          # shortest length >= need
+        index = jnp.where(jnp.any(mode == m), 1 + bucket, 0)
+        return nn.switch(index, branches, mdl, x, positions, kv, k_pos, slots)
+
+
+def _prefill_attention(mdl, m, window, x, mode, positions, before, kv, h):
+    """One attention mode over (cached keys ++ new keys) for a chunk of t tokens, then the cache write."""
+    b, t, _ = x.shape
+    q, k, v = mdl.qkv(x, positions)
+    k_pos = jnp.where(mode == m, positions, -1)                                # other modes: empty slots
+    k_all = jnp.concatenate([kv.k.astype(k.dtype), k], axis=1)                 # [b s+t g k]
+    v_all = jnp.concatenate([kv.v.astype(v.dtype), v], axis=1)
+    pos_all = jnp.concatenate([kv.pos, k_pos], axis=1)                         # [b s+t]
+    chunk = query_chunk(b, h, t, k_all.shape[1])
+    o = attend_chunked(q, k_all, v_all, lambda qa, ka: _visible(qa[0], ka[0], window), (positions,), (pos_all,),
+                       chunk)
+    size = kv.k.shape[1]
+    if window:
+        slots = jnp.where(k_pos >= 0, k_pos % size, size)                      # ring slot; size = not written
+    else:
+        slots = jnp.where(k_pos >= 0, before[..., FULL], size)                 # compact slot = admission rank
+    return mdl.out(o), _write(kv, k, v, k_pos, slots, t, ring=window > 0)
 
 
 def _write(kv_cache: KVCache, k, v, k_pos, slots, t: int, *, ring: bool) -> KVCache:

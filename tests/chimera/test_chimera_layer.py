@@ -15,7 +15,8 @@ D, B, T, W = 16, 2, 16, 4  # T > W: the window ring buffer wraps several times
 
 def _cfg(dtype="float64", **ch):
     c = chimera.default_config()
-    c.update(dict(window=W, router_hidden=8), **ch)
+    # decode_read_block=4: the m2 cache (<= T slots) is read in lengths 4 and 16, so decode exercises both.
+    c.update(dict(window=W, router_hidden=8, decode_read_block=4), **ch)
     m = mamba2.default_config()
     m.update(d_state=4, head_dim=8, expand=2, chunk_size=4)
     a = attention.default_config()
@@ -251,3 +252,103 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="overflow_mode"):
         chimera.capacity_units(ml_collections.ConfigDict(dict(target_mix=(0.25,) * 4,
                                                               capacity_factor=(1.0,) * 4, overflow_mode=2)))
+
+
+def _decode_all(mod, v, x, n_prefill=5):
+    """Prefill n_prefill tokens, then decode the rest one by one -> (y [b T d], the cache after every step)."""
+    cache = mod.init_cache(B, T, jnp.float64)
+    y, cache = APPLY(mod, v, x[:, :n_prefill], cache, False)
+    ys, caches = [y], []
+    for i in range(n_prefill, T):
+        y, cache = APPLY(mod, v, x[:, i:i + 1], cache, True)
+        ys.append(y)
+        caches.append(cache)
+    return jnp.concatenate(ys, axis=1), caches
+
+
+def test_decode_skipping_unchosen_modes_equals_computing_them():
+    """decode_skip_unchosen (lax.switch: no projection, read or write for a mode no row chose; m2 read only up to
+    its filled part) gives what computing both attention modes over their whole buffers on every step gives."""
+    mod, variables = _setup(**UNCAPPED)
+    ref, _ = _setup(**UNCAPPED, decode_skip_unchosen=False, decode_read_block=0)
+    with jax.enable_x64(True):
+        x = _x(seed=21)
+        modes = _modes(mod, variables, x)
+        y, caches = _decode_all(mod, variables, x)
+        y_ref, caches_ref = _decode_all(ref, variables, x)
+        # The routing skips a mode on some steps and runs it on others (both switch sides are exercised).
+        dec = modes[:, 5:]  # the decoded tokens (caches[i] is the cache after token 5 + i)
+        for m in (chimera.WINDOW, chimera.FULL):
+            chosen_by_some_row = (dec == m).any(0)
+            assert chosen_by_some_row.any() and (~chosen_by_some_row).any(), (m, dec)
+        # The m2 read length changes on the way (4 slots while at most 4 are filled, then all 16).
+        filled = [int((np.asarray(c.full.pos) >= 0).sum(1).max()) for c in caches]
+        assert min(filled) <= 4 < max(filled), filled
+        scale = float(jnp.max(jnp.abs(y_ref)))
+        assert scale > 1e-3
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-13 * scale)
+        for c, c_ref in zip(caches, caches_ref):
+            for a, a_ref in zip(jax.tree.leaves(c), jax.tree.leaves(c_ref)):
+                np.testing.assert_allclose(a, a_ref, rtol=1e-13, atol=0)
+        # A skipped step leaves that mode's buffer bit-identical (only its index advances).
+        for i in range(1, len(caches)):
+            if not (dec[:, i] == chimera.FULL).any():
+                now, prev = caches[i].full, caches[i - 1].full
+                for a, a0 in ((now.k, prev.k), (now.v, prev.v), (now.pos, prev.pos)):
+                    np.testing.assert_array_equal(a, a0)
+                np.testing.assert_array_equal(now.index, prev.index + 1)
+
+
+def test_read_lengths_and_query_chunk():
+    assert chimera.read_lengths(10262, 1024) == (1024, 4096, 10262)
+    assert chimera.read_lengths(16, 4) == (4, 16) and chimera.read_lengths(16, 0) == (16,)
+    assert chimera.read_lengths(4, 256) == (4,) and chimera.read_lengths(1024, 256) == (256, 1024)
+    assert chimera.query_chunk(2, 2, 16, 16) == 16                       # fits: one chunk
+    assert chimera.query_chunk(8, 32, 4096, 4096) == 128                 # 512 MiB of float32 logits per chunk
+    assert chimera.query_chunk(8, 32, 4096, 4096, budget=1 << 20) == 1
+
+
+def test_chunked_attention_equals_one_call_with_gradients():
+    """attend_chunked (query chunks, padded when the chunk does not divide t, rematerialised) equals one attend
+    call over the whole mask, values and gradients, with the combined two-mode mask of the parallel path."""
+    rng = np.random.default_rng(3)
+    b, t, h, g, k = 2, 11, 4, 2, 8
+    with jax.enable_x64(True):
+        q = jnp.asarray(rng.normal(size=(b, t, h, k)))
+        kk = jnp.asarray(rng.normal(size=(b, t, g, k)))
+        v = jnp.asarray(rng.normal(size=(b, t, g, k)))
+        mode = jnp.asarray(rng.integers(0, 4, (b, t)), jnp.int32)
+        seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 5], b, 0), jnp.int32)
+        pos = jnp.asarray(np.repeat([np.r_[np.arange(6), np.arange(5)]], b, 0), jnp.int32)
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        aux = (mode, pos, idx, seg)
+        vis = chimera.mode_visible(3)
+
+        def f(chunk):
+            return jax.jit(jax.value_and_grad(
+                lambda q, kk, v: jnp.sum(jnp.sin(chimera.attend_chunked(q, kk, v, vis, aux, aux, chunk))),
+                argnums=(0, 1, 2)))(q, kk, v)
+
+        val, grads = f(t)
+        for chunk in (4, 5):
+            val_c, grads_c = f(chunk)
+            np.testing.assert_allclose(val_c, val, rtol=1e-13)
+            for a, a_ref in zip(grads_c, grads):
+                np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
+        assert float(jnp.max(jnp.abs(grads[0]))) > 0
+
+
+def test_parallel_path_in_query_chunks_equals_one_call(monkeypatch):
+    """The whole layer with a logits budget small enough to force several query chunks gives the same output
+    (a fresh jit, so the patched budget is traced; gradients are held equal in the test above)."""
+    mod, variables = _setup(**CAPPED)
+    with jax.enable_x64(True):
+        x = _x(seed=9)
+        seg = jnp.asarray(np.repeat([[1] * 7 + [2] * 9], B, 0), jnp.int32)
+
+        y_ref, modes = _run(mod, variables, x, seg)
+        assert {chimera.WINDOW, chimera.FULL} <= set(np.unique(modes).tolist())
+        monkeypatch.setattr(chimera, "LOGITS_BUDGET", B * 2 * T * 4 * 3)  # 3 queries' logits -> chunks of 2
+        assert chimera.query_chunk(B, 2, T, T) == 2
+        y, _ = jax.jit(lambda v, x: mod.apply(v, x, segment_ids=seg))(variables, x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-14)
