@@ -9,7 +9,17 @@ as in Dhariwal et al., 2020, "Jukebox"). Initialisation is random, or k-means on
 
 FSQ (Mentzer et al., 2023, "Finite Scalar Quantization: VQ-VAE Made Simple"): the vector is projected to
 len(levels) dimensions, each bounded and rounded to one of ``levels[i]`` values; the implicit codebook is the
-product grid of prod(levels) codes and needs no codebook loss.
+product grid of prod(levels) codes and needs no codebook loss. Without care its usage collapses: the encoder's
+output drifts (its scale grows and it turns nearly one-dimensional), the straight-through gradient keeps pushing
+the pre-quantization values past the last level where tanh saturates and their gradient vanishes, and every
+vector ends on a handful of grid corners. Two normalisations keep the values spread over the grid: a
+parameter-free layer norm of z before the down projection (Ba et al., 2016), so that at initialisation the
+projected values have unit scale whatever the encoder's scale, and a whitening of the projected values over the
+batch (decorrelated batch normalisation, Huang et al., 2018, by the Cholesky factor of the batch covariance,
+differentiated through; running statistics at evaluation), so that every dimension is centred, of unit variance
+and uncorrelated with the others, which the product grid needs to reach its corners. The optional usage KL of
+FSQ is the exact KL of the batch's soft usage of the whole product grid to uniform (the batch-entropy term of
+Yu et al., 2023, "Language Model Beats Diffusion", for lookup-free quantization).
 
 Both quantizers take ``z [m d]`` (flattened positions) with a validity mask ``[m]`` and keep, in the
 non-parameter collection ``quantizer``, a per-code counter of updates since the code was last used: the
@@ -44,13 +54,17 @@ def default_config() -> ml_collections.ConfigDict:
     restart_after: restart a VQ code unused for this many updates on a recent encoder output (0 = off; EMA only).
     dead_after: the dead_fraction metric counts codes unused for this many updates.
     levels: FSQ levels per dimension, e.g. (8, 5, 5, 5) = 1000 codes.
-    usage_kl_weight: weight of KL(code usage || uniform) (beta-VAE style disentanglement term; 0 = off).
+    usage_kl_weight: weight of KL(code usage || uniform) (beta-VAE style disentanglement term; 0 = off). FSQ: over
+        the whole product grid, an [m prod(levels)] soft assignment per batch.
     usage_temperature: temperature of the soft assignments that make the usage KL differentiable.
+    fsq_layer_norm: FSQ: parameter-free layer norm of z before the down projection.
+    fsq_whiten: FSQ: whiten the down projection's outputs over the batch (running statistics at evaluation).
+    fsq_stats_decay: FSQ: EMA decay of the whitening's running mean and covariance.
     """
     return ml_collections.ConfigDict(dict(
         kind="vq", num_codes=512, code_dim=64, ema=True, decay=0.99, eps=1e-5, beta=0.25, init="random",
         init_scale=1.0, kmeans_iters=10, restart_after=100, dead_after=50, levels=(8, 5, 5, 5), usage_kl_weight=0.0,
-        usage_temperature=1.0))
+        usage_temperature=1.0, fsq_layer_norm=True, fsq_whiten=True, fsq_stats_decay=0.9))
 
 
 # ----------------------------------------------------------------------------------------------- shared pieces
@@ -287,9 +301,72 @@ def fsq_indices_to_codes(indices, levels, dtype=jnp.float32) -> jax.Array:
     return (digits.astype(dtype) - half) / half
 
 
+def layer_norm(z, eps: float = 1e-6):
+    """Parameter-free layer norm over the last axis: zero mean and unit variance per row."""
+    mu = jnp.mean(z, -1, keepdims=True)
+    return (z - mu) * jax.lax.rsqrt(jnp.mean((z - mu) ** 2, -1, keepdims=True) + eps)
+
+
+def batch_moments(h, mask):
+    """Mean [n] and (biased) covariance [n n] of the valid rows of h [m n]."""
+    count = jnp.maximum(mask.sum(), 1.0)
+    mu = (h * mask[:, None]).sum(0) / count
+    c = (h - mu) * mask[:, None]
+    return mu, c.T @ c / count
+
+
+def whiten(h, mu, cov, eps: float = 1e-5):
+    """(h - mu) L^-T with L L^T = cov + eps I: unit, uncorrelated dimensions if (mu, cov) are h's moments.
+
+    h [m n] -> [m n]. The Cholesky factor (rather than cov^-1/2 by eigendecomposition) keeps the gradient finite
+    when eigenvalues coincide.
+    """
+    chol = jnp.linalg.cholesky(cov + eps * jnp.eye(cov.shape[0], dtype=cov.dtype))
+    return jax.scipy.linalg.solve_triangular(chol, (h - mu).T, lower=True).T
+
+
+def whiten_reference(h, mu, cov, eps: float = 1e-5):
+    """The same with an explicit inverse of the Cholesky factor (the oracle of ``whiten``)."""
+    chol = jnp.linalg.cholesky(cov + eps * jnp.eye(cov.shape[0], dtype=cov.dtype))
+    return (h - mu) @ jnp.linalg.inv(chol).T
+
+
+def fsq_soft_levels(bounded, levels, temperature: float) -> list[jax.Array]:
+    """Per dimension i, softmax over its L_i levels of -(bounded_i - level)^2 / temperature: [m L_i] each."""
+    out = []
+    for i, l in enumerate(levels):
+        values = jnp.arange(l, dtype=bounded.dtype) - l // 2
+        out.append(jax.nn.softmax(-(bounded[:, i:i + 1] - values[None]) ** 2 / temperature, -1))
+    return out
+
+
+def fsq_joint_soft_assign(bounded, levels, temperature: float) -> jax.Array:
+    """Soft assignment [m prod(levels)] to the product grid: the product of the per-dimension level softmaxes.
+
+    Column k is the code of index k (fsq_basis order: dimension 0 varies fastest), built by outer products.
+    """
+    soft = fsq_soft_levels(bounded, levels, temperature)
+    joint = soft[0]
+    for s in soft[1:]:
+        joint = (s[:, :, None] * joint[:, None, :]).reshape(s.shape[0], -1)
+    return joint
+
+
+def fsq_joint_soft_assign_reference(bounded, levels, temperature: float) -> jax.Array:
+    """The same code by code: p(k) = prod_i soft_i[digit_i(k)] (the oracle of ``fsq_joint_soft_assign``)."""
+    soft = fsq_soft_levels(bounded, levels, temperature)
+    k = int(np.prod(levels))
+    digits = (np.arange(k)[:, None] // fsq_basis(levels)) % np.asarray(levels)            # [K n]
+    cols = [jnp.prod(jnp.stack([soft[i][:, digits[c, i]] for i in range(len(levels))]), axis=0) for c in range(k)]
+    return jnp.stack(cols, axis=-1)
+
+
 class FSQ(nn.Module):
     """Finite scalar quantization between two projections: z [m d] -> len(levels) dims -> grid -> [m d].
 
+    z is layer-normed (``fsq_layer_norm``), projected down to h [m n_levels], whitened over the batch's valid rows
+    (``fsq_whiten``: batch moments in training with ``update=True``, their running averages otherwise), bounded,
+    rounded with the straight-through estimator, and projected up.
     Same interface as VectorQuantizer; aux['loss'] holds only the optional usage KL (FSQ has no codebook or
     commitment loss). The implicit codebook (``codebook_vectors``) is every grid point after the up-projection.
     """
@@ -302,9 +379,15 @@ class FSQ(nn.Module):
         k = int(np.prod(self.levels))
         if q.num_codes != k:
             raise ValueError(f"quantizer.num_codes={q.num_codes} but FSQ levels {self.levels} give {k} codes")
-        self.down = common.DenseGeneral(len(self.levels), ("embed", None), use_bias=True, name="down")
+        n = len(self.levels)
+        # Unit-variance inputs (layer-normed) times N(0, 1/d) weights: h starts with unit variance per dimension,
+        # the scale at which tanh spreads it over every level.
+        self.down = common.DenseGeneral(n, ("embed", None), use_bias=True, name="down")
         self.up = common.DenseGeneral(q.code_dim, (None, "embed"), use_bias=True, name="up")
         self.unused = self.variable(COLLECTION, "unused", jnp.zeros, (k,), jnp.int32)
+        if q.get("fsq_whiten", False):
+            self.h_mean = self.variable(COLLECTION, "h_mean", jnp.zeros, (n,), jnp.float32)
+            self.h_cov = self.variable(COLLECTION, "h_cov", lambda: jnp.eye(n, dtype=jnp.float32))
 
     def codebook_vectors(self) -> jax.Array:
         k = int(np.prod(self.levels))
@@ -313,23 +396,43 @@ class FSQ(nn.Module):
     def lookup(self, indices):
         return self.up(fsq_indices_to_codes(indices, self.levels))
 
+    def pre_quantization(self, z, mask, update: bool) -> jax.Array:
+        """z [m d] -> h [m n_levels], the values that are bounded and rounded."""
+        q = self.cfg
+        # .get: configs saved before these fields existed describe models trained without them.
+        if q.get("fsq_layer_norm", False):
+            z = layer_norm(z)
+        h = self.down(z)                                                    # [m n_levels]
+        if not q.get("fsq_whiten", False):
+            return h
+        mu, cov = self.h_mean.value, self.h_cov.value
+        if update and self.is_mutable_collection(COLLECTION):
+            # Batch moments, differentiated through as in batch normalisation (the encoder then cannot move h
+            # by a shift or scale the whitening undoes); a batch with fewer than 2 valid rows keeps the averages.
+            enough = mask.sum() >= 2
+            b_mu, b_cov = batch_moments(h, mask)
+            mu, cov = jnp.where(enough, b_mu, mu), jnp.where(enough, b_cov, cov)
+            d = q.fsq_stats_decay
+            self.h_mean.value = jnp.where(enough, d * self.h_mean.value + (1 - d) * jax.lax.stop_gradient(b_mu),
+                                          self.h_mean.value)
+            self.h_cov.value = jnp.where(enough, d * self.h_cov.value + (1 - d) * jax.lax.stop_gradient(b_cov),
+                                         self.h_cov.value)
+        return whiten(h, mu, cov)
+
     def __call__(self, z, mask=None, *, update: bool = False):
         q = self.cfg
         k = int(np.prod(self.levels))
         z = z.astype(jnp.float32)
         mask = jnp.ones(z.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-        h = self.down(z)                                                    # [m n_levels]
+        h = self.pre_quantization(z, mask, update)                          # [m n_levels]
         codes = fsq_quantize(h, self.levels)
         indices = fsq_codes_to_indices(jax.lax.stop_gradient(codes), self.levels)
         usage_kl = jnp.zeros((), jnp.float32)
         if q.usage_kl_weight:
-            # Per-dimension soft level usage; the joint usage of a product grid is not tractable, so the term is the
-            # sum over dimensions of each dimension's level-usage KL to uniform.
-            bounded = fsq_bound(h, self.levels)
-            for i, l in enumerate(self.levels):
-                values = jnp.arange(l, dtype=jnp.float32) - l // 2
-                soft = jax.nn.softmax(-(bounded[:, i:i + 1] - values[None]) ** 2 / q.usage_temperature, -1)
-                usage_kl = usage_kl + usage_kl_to_uniform(soft, mask)
+            # The batch's soft usage of the whole grid (per-dimension usage terms alone leave the dimensions free
+            # to be correlated, which leaves most of the grid unused).
+            joint = fsq_joint_soft_assign(fsq_bound(h, self.levels), self.levels, q.usage_temperature)  # [m K]
+            usage_kl = usage_kl_to_uniform(joint, mask)
         stats = codebook_stats(indices, mask, k, self.unused.value, q.dead_after)
         if update and self.is_mutable_collection(COLLECTION):
             self.unused.value = _update_unused(self.unused.value, indices, mask)

@@ -1,6 +1,7 @@
 """VQ (EMA, restarts, STE, losses), FSQ (bijection) and the codebook health metrics."""
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -171,3 +172,127 @@ def test_codebook_stats_and_usage_kl_by_hand():
     assign = jax.nn.one_hot(idx, 4)
     np.testing.assert_allclose(qz.usage_kl_to_uniform(assign, mask), np.log(4) - h, rtol=1e-6)
     np.testing.assert_allclose(qz.usage_kl_to_uniform(jnp.full((3, 4), 0.25), jnp.ones(3)), 0.0, atol=1e-7)
+
+
+def test_fsq_codes_spread_over_every_level_at_init_whatever_the_input_scale():
+    # Layer norm before the down projection: at init h has unit scale whatever the encoder's output scale, so the
+    # bound spreads it over every level of every dimension, in evaluation (running statistics) as in training.
+    levels = (8, 5, 5, 5)
+    cfg = _cfg(kind="fsq", levels=levels, num_codes=1000, code_dim=32)
+    m = qz.FSQ(cfg)
+    v = m.init(jax.random.PRNGKey(1), jnp.zeros((2, 32)))
+    for scale in (1e-3, 1.0, 1e3):
+        z = scale * (jax.random.normal(jax.random.PRNGKey(2), (4000, 32)) + 3.0)   # off-centre too
+        for update in (False, True):
+            (_, idx, _), _ = m.apply(v, z, update=update, mutable=["quantizer"])
+            digits = (np.asarray(idx)[:, None] // qz.fsq_basis(levels)) % np.asarray(levels)
+            for i, l in enumerate(levels):
+                assert sorted(set(digits[:, i].tolist())) == list(range(l)), (scale, update, i)
+    # Without the normalisations a small-scale input rounds to the centre level of every dimension.
+    bare = qz.FSQ(_cfg(kind="fsq", levels=levels, num_codes=1000, code_dim=32, fsq_layer_norm=False,
+                       fsq_whiten=False))
+    vb = bare.init(jax.random.PRNGKey(1), jnp.zeros((2, 32)))
+    _, idx, _ = bare.apply(vb, 1e-3 * jax.random.normal(jax.random.PRNGKey(2), (4000, 32)))
+    assert len(set(np.asarray(idx).tolist())) == 1
+
+
+def test_whiten_fast_equals_reference_and_gives_unit_uncorrelated_dimensions():
+    with jax.enable_x64(True):
+        k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+        mix = jax.random.normal(k1, (4, 4), jnp.float64) + 3 * jnp.eye(4)
+        h = 5.0 + 10.0 * jax.random.normal(k2, (300, 4), jnp.float64) @ mix       # correlated, shifted, scaled
+        mask = (jax.random.uniform(k3, (300,)) > 0.3).astype(jnp.float64)
+        mu, cov = qz.batch_moments(h, mask)
+        valid = np.asarray(h)[np.asarray(mask) > 0]
+        np.testing.assert_allclose(mu, valid.mean(0), rtol=1e-10)
+        np.testing.assert_allclose(cov, np.cov(valid.T, bias=True), rtol=1e-9)
+        w = qz.whiten(h, mu, cov, eps=1e-12)
+        np.testing.assert_allclose(w, qz.whiten_reference(h, mu, cov, eps=1e-12), atol=1e-9)
+        wv = np.asarray(w)[np.asarray(mask) > 0]
+        np.testing.assert_allclose(wv.mean(0), 0.0, atol=1e-9)
+        np.testing.assert_allclose(np.cov(wv.T, bias=True), np.eye(4), atol=1e-9)
+
+
+def test_fsq_whitening_running_statistics():
+    levels = (4, 3)
+    cfg = _cfg(kind="fsq", levels=levels, num_codes=12, code_dim=6, fsq_stats_decay=0.75)
+    m = qz.FSQ(cfg)
+    z = jax.random.normal(jax.random.PRNGKey(0), (64, 6))
+    mask = jnp.ones(64).at[:10].set(0.0)
+    v = m.init(jax.random.PRNGKey(1), z)
+    down = nn.unbox(v["params"])["down"]
+    h = qz.layer_norm(z) @ down["kernel"] + down["bias"]
+    mu, cov = qz.batch_moments(h, mask)
+    (zq_train, idx_train, _), upd = m.apply(v, z, mask, update=True, mutable=["quantizer"])
+    st = upd["quantizer"]
+    np.testing.assert_allclose(st["h_mean"], 0.25 * mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st["h_cov"], 0.75 * np.eye(2) + 0.25 * cov, rtol=1e-5, atol=1e-6)
+    # Evaluation reads the running statistics: set to the batch's moments, it gives the training output.
+    ev = {"params": v["params"], "quantizer": dict(st, h_mean=mu, h_cov=cov)}
+    zq_eval, idx_eval, _ = m.apply(ev, z, mask)
+    np.testing.assert_array_equal(idx_eval, idx_train)
+    np.testing.assert_allclose(zq_eval, zq_train, rtol=1e-5, atol=1e-5)
+    # A batch with fewer than 2 valid rows leaves the statistics alone; gradients stay finite.
+    _, upd1 = m.apply(v, z, jnp.zeros(64).at[0].set(1.0), update=True, mutable=["quantizer"])
+    np.testing.assert_array_equal(upd1["quantizer"]["h_cov"], v["quantizer"]["h_cov"])
+    g = jax.grad(lambda z: jnp.sum(m.apply(v, z, mask, update=True, mutable=["quantizer"])[0][0] ** 2))(z)
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_fsq_config_without_the_normalisation_fields_builds_the_bare_quantizer():
+    # Configs saved before fsq_layer_norm / fsq_whiten existed describe models trained without them.
+    c = qz.default_config()
+    c.update(kind="fsq", levels=(4, 3), num_codes=12, code_dim=6)
+    for f in ("fsq_layer_norm", "fsq_whiten", "fsq_stats_decay"):
+        del c[f]
+    m = qz.FSQ(ml_collections.FrozenConfigDict(c))
+    z = jax.random.normal(jax.random.PRNGKey(0), (8, 6))
+    v = m.init(jax.random.PRNGKey(1), z)
+    assert set(v["quantizer"]) == {"unused"}
+    down = nn.unbox(v["params"])["down"]
+    codes = qz.fsq_quantize(z @ down["kernel"] + down["bias"], (4, 3))
+    np.testing.assert_array_equal(m.apply(v, z)[1], qz.fsq_codes_to_indices(codes, (4, 3)))
+
+
+def test_fsq_joint_soft_assign_equals_reference_and_marginals():
+    levels = (4, 3, 2)
+    with jax.enable_x64(True):
+        bounded = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (7, 3), jnp.float64)
+        fast = qz.fsq_joint_soft_assign(bounded, levels, 0.7)
+        np.testing.assert_allclose(fast, qz.fsq_joint_soft_assign_reference(bounded, levels, 0.7), atol=1e-14)
+        np.testing.assert_allclose(fast.sum(-1), 1.0, atol=1e-12)
+        # Summing out the other dimensions gives each dimension's own level softmax.
+        per_dim = qz.fsq_soft_levels(bounded, levels, 0.7)
+        grid = np.asarray(fast).reshape(7, *reversed(levels))          # dimension 0 varies fastest: last axis
+        for i in range(3):
+            axis = 3 - i
+            other = tuple(a for a in (1, 2, 3) if a != axis)
+            np.testing.assert_allclose(grid.sum(axis=other), per_dim[i], atol=1e-12)
+
+
+def test_fsq_usage_kl_is_the_joint_grid_usage_kl():
+    levels = (4, 3)
+    cfg = _cfg(kind="fsq", levels=levels, num_codes=12, code_dim=6, usage_kl_weight=0.5, usage_temperature=0.3)
+    m = qz.FSQ(cfg)
+    z = jax.random.normal(jax.random.PRNGKey(0), (40, 6))
+    mask = jnp.ones(40).at[:5].set(0.0)
+    v = m.init(jax.random.PRNGKey(1), z)
+    (_, _, aux), _ = m.apply(v, z, mask, update=True, mutable=["quantizer"])
+    h = m.apply(v, z, mask, True, method=m.pre_quantization, mutable=["quantizer"])[0]
+    joint = qz.fsq_joint_soft_assign_reference(qz.fsq_bound(h, levels), levels, 0.3)
+    np.testing.assert_allclose(aux["usage_kl"], qz.usage_kl_to_uniform(joint, mask), rtol=1e-5)
+    np.testing.assert_allclose(aux["loss"], 0.5 * aux["usage_kl"], rtol=1e-6)
+
+
+def test_fsq_bound_range_for_even_and_odd_levels():
+    # Even L: tanh's range is shifted by half a level, so rounding gives the L integers -L/2 .. L/2 - 1 with 0 at
+    # h = 0; odd L: -(L-1)/2 .. (L-1)/2, symmetric.
+    levels = (8, 5, 6, 3)
+    far = jnp.array([[-100.0] * 4, [100.0] * 4, [0.0] * 4])
+    b = np.asarray(qz.fsq_bound(far, levels))
+    np.testing.assert_array_equal(np.round(b[0]), [-4, -2, -3, -1])
+    np.testing.assert_array_equal(np.round(b[1]), [3, 2, 2, 1])
+    np.testing.assert_allclose(b[2], 0.0, atol=1e-6)
+    # The extreme levels are reached at finite inputs (|h| = 3), not only in tanh's limit.
+    b3 = np.round(np.asarray(qz.fsq_bound(jnp.array([[-3.0] * 4, [3.0] * 4]), levels)))
+    np.testing.assert_array_equal(b3, np.round(b[:2]))
