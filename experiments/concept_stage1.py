@@ -15,7 +15,10 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: configs/
 
 RUNS = {
     "vq_restarts": "quantizer=vq,data=mnist,size=tiny,restarts=True",
