@@ -25,8 +25,27 @@ and the attention window empties. The cache (``TitansCache``) holds the memory w
 the momentum, the window of keys/values (two entries per position), the position in the document and the id of
 the last segment, so prefill and decode continue a document exactly.
 
-Implementation: ``impl='reference'`` runs the three steps token by token in a ``lax.scan`` (the oracle, used for
-decode as well). There is no chunked (parallel-in-time) form yet, so ``auto`` runs the same scan.
+Implementations (``impl``):
+- ``reference``: the three steps token by token in a ``lax.scan`` (the oracle; decode always uses this step).
+- ``chunked``: a ``lax.scan`` over blocks of ``chunk_size`` positions of the call, parallel inside a block.
+  Inside one memory chunk every token reads, and takes its gradient at, the same chunk-start memory, so
+  retrieval, the windowed attention, the write keys / values and the gradients of a block are computed for all
+  its tokens at once (the gradients as outer-product factors, never one [k m] matrix per token). The momentum
+  and forgetting recurrences are linear, so the memory and momentum after a run of tokens are the start state
+  times products of (1 - alpha) and eta, minus weighted sums of the gradients; the weights come from a
+  [l l] matrix of log-decay sums per head (``_decay_sums``). Only the state at a block end is formed.
+  Blocks are positions of the call, memory chunks are counted per document, so they need not line up. In a
+  block of at most ``chunk_size`` positions, the document continued from the previous block has at most one
+  chunk boundary, and documents that start inside the block read the learned initial memory throughout it.
+  Tokens therefore read one of three memories: the carried chunk-start memory (the continued document before
+  its boundary), the memory at that boundary (after it), or the initial memory. A block runs in two passes:
+  the first computes the tokens before the boundary (they read known memories) and from their gradients the
+  memory at the boundary; the second computes every token with the memory it reads. The first pass is left
+  out at trace time when every chunk is known to start at a block start (no segment ids, no cache), so packed
+  or continued inputs cost about twice the work of unpacked ones. The attention window that reaches into
+  earlier blocks is carried in the scan as in the cache (two entries per position); a length that is not a
+  multiple of ``chunk_size`` pads the last block. With ``remat`` the backward pass recomputes each block.
+- ``auto``: ``chunked`` (decode of one token uses the token step).
 """
 from __future__ import annotations
 
@@ -38,7 +57,7 @@ import ml_collections
 
 from chimera_jax.layers import common
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "chunked", "reference")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,10 +70,13 @@ def default_config() -> ml_collections.ConfigDict:
     chunk_size: tokens per memory chunk; gradients inside a chunk are taken at the chunk-start memory and
       retrieval reads it.
     lr_max: largest test-time learning rate theta.
-    impl: 'auto' | 'reference'.
+    impl: 'auto' (= 'chunked') | 'chunked' (scan over blocks of chunk_size) | 'reference' (scan over tokens).
+    remat: chunked form only: recompute each block in the backward pass instead of keeping its intermediates
+      (training memory about the carried state per block: at d_model 2048, 32 heads of 64, window 512,
+      chunk 64, batch 8 x 4096 tokens, about 8 GiB of temporaries instead of about 44).
     """
     return ml_collections.ConfigDict(dict(num_heads=4, head_dim=32, mem_hidden_mult=2, num_persistent=4,
-                                          window=64, chunk_size=64, lr_max=0.1, impl="auto"))
+                                          window=64, chunk_size=64, lr_max=0.1, impl="auto", remat=True))
 
 
 @flax.struct.dataclass
@@ -220,12 +242,19 @@ class TitansMAC(nn.Module):
         params = dict(w_k=w_k, w_v=w_v, w_mem=w_mem, w_o=w_o, w_wk=w_wk, w_wv=w_wv, kp=kp, vp=vp,
                       init_mem=init_mem)
         xs = dict(q=q, q_mem=q_mem, kx=kx, vx=vx, theta=theta, alpha=alpha, eta=eta, start=starts)
-        xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # time-major for the scan
-        step = lambda carry, xt: _token_step(cfg, params, carry, xt)
-        new_cache, (y, attn) = jax.lax.scan(step, cache, xs)
-        y = jnp.moveaxis(y, 0, 1)  # [b t d]
+        if c.impl == "reference" or decode:
+            xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # time-major for the scan
+            step = lambda carry, xt: _token_step(cfg, params, carry, xt)
+            new_cache, (y, attn) = jax.lax.scan(step, cache, xs)
+            y, attn = jnp.moveaxis(y, 0, 1), jnp.moveaxis(attn, 0, 1)  # [b t d], [b t h k]
+        else:
+            # log (1 - alpha) and log eta from the gate logits (finite gradients where a sigmoid saturates)
+            xs.update(log_keep=jax.nn.log_sigmoid(-gates[:, :, 1]), log_eta=jax.nn.log_sigmoid(gates[:, :, 2]))
+            # Without segment ids and without a cache every memory chunk starts at a block start.
+            aligned = segment_ids is None and not return_cache
+            new_cache, y, attn = _chunked_scan(cfg, params, cache, xs, aligned=aligned)
         # Sown for the tests (retrieve -> attend -> update): the attention outputs the memory was written with.
-        self.sow("intermediates", "attn_out", jnp.moveaxis(attn, 0, 1))
+        self.sow("intermediates", "attn_out", attn)
         if segment_ids is not None:
             new_cache = new_cache.replace(last_segment=segment_ids[:, -1].astype(jnp.int32))
         return y.astype(dtype), (new_cache if return_cache else None)
@@ -235,7 +264,7 @@ def _token_step(cfg, p, cache: TitansCache, xt):
     """One token through retrieve -> attend -> update (all rows of the batch at once)."""
     c = cfg.titans
     dtype = common.dtype_of(cfg.dtype)
-    b, n = cache.win_valid.shape
+    b = cache.win_valid.shape[0]
     h, k = cache.win_k.shape[2:]
     start = xt["start"]  # [b]
     sd = cache.mem1.dtype
@@ -286,3 +315,197 @@ def _token_step(cfg, p, cache: TitansCache, xt):
                       win_k=win_k.astype(cache.win_k.dtype), win_v=win_v.astype(cache.win_v.dtype),
                       win_valid=win_valid, pos=pos + 1, last_segment=cache.last_segment)
     return new, (y, attn)
+
+
+# --------------------------------------------------------------------------------------- chunked form
+
+def _apply_tokens(w1, w2, z):
+    """M(z) under several memories at once: w1 [r b h k m], w2 [r b h m k], z [b l h k] -> [r b l h k]."""
+    return jnp.einsum("rblhm,rbhmk->rblhk", jax.nn.silu(jnp.einsum("blhk,rbhkm->rblhm", z, w1)), w2)
+
+
+def memory_grad_factors(w1, w2, k, v):
+    """Per-token gradients of ||M(k_t) - v_t||^2 under several memories (w1 [r b h k m], w2 [r b h m k]), as the
+    factors of ``memory_grad``'s outer products: grad W1 = k_t (x) da_t, grad W2 = s_t (x) err_t.
+    k, v [b l h k] -> (s [r b l h m], err [r b l h k], da [r b l h m]); sums over tokens are then matmuls."""
+    a = jnp.einsum("blhk,rbhkm->rblhm", k, w1)
+    s = jax.nn.silu(a)
+    err = 2.0 * (jnp.einsum("rblhm,rbhmk->rblhk", s, w2) - v)
+    sig = jax.nn.sigmoid(a)
+    da = jnp.einsum("rblhk,rbhmk->rblhm", err, w2) * sig * (1 + a * (1 - sig))
+    return s, err, da
+
+
+def _select(values, which):
+    """values [r b l ...] -> [b l ...]: each token's entry for the memory it reads (which [b l] in [0, r))."""
+    return jax.tree.map(lambda a: jnp.take_along_axis(a, which.reshape((1,) + which.shape + (1,) * (a.ndim - 3)),
+                                                      axis=0)[0], values)
+
+
+def _decay_sums(log_x):
+    """log_x [b l h] -> [b h l l] with [t, s] = sum of log_x over (s, t] for t >= s and -inf above the diagonal.
+
+    Built as a cumulative sum of a masked matrix rather than as differences of one cumulative sum, so a long
+    run of small decays keeps its relative precision."""
+    lx = jnp.moveaxis(log_x, 1, -1)  # [b h l]
+    n = lx.shape[-1]
+    rows = jnp.broadcast_to(lx[..., :, None], lx.shape + (n,))  # [.., u, s] = log_x_u
+    sums = jnp.cumsum(jnp.where(jnp.tri(n, n, -1, dtype=bool), rows, 0.0), axis=-2)
+    return jnp.where(jnp.tri(n, n, 0, dtype=bool), sums, -jnp.inf)
+
+
+def _run_update(mem, mom, lo, hi, log_keep, log_eta, theta, kw, factors):
+    """Memory and momentum after the tokens lo <= s < hi of a block (per row), from (mem, mom) before lo:
+
+        S_end = E S_0 - sum_s cS_s theta_s g_s,   M_end = A M_0 + B S_0 - sum_s cM_s theta_s g_s,
+        cS_s = prod_{s<u<hi} eta_u,   cM_s = sum_{s<=t<hi} prod_{t<u<hi} (1 - alpha_u) prod_{s<u<=t} eta_u,
+        E = prod eta,   A = prod (1 - alpha),   B = eta_lo cM_lo   (products over the run).
+
+    An empty run (hi <= lo) returns the start state. mem, mom: pairs ([b h k m], [b h m k]); lo, hi [b];
+    log_keep, log_eta, theta [b l h]; kw [b l h k] and factors (s, err, da) of each token's gradient."""
+    n = theta.shape[1]
+    idx = jnp.arange(n)
+    x_keep, x_eta = _decay_sums(log_keep), _decay_sums(log_eta)  # [b h l l]
+    last = jnp.clip(hi - 1, 0, n - 1)[:, None, None, None]
+    keep_to_end = jnp.take_along_axis(x_keep, last, axis=2)[:, :, 0]  # [b h l]: log prod_{t<u<hi} (1 - alpha_u)
+    eta_to_end = jnp.take_along_axis(x_eta, last, axis=2)[:, :, 0]
+    in_run = ((idx >= lo[:, None]) & (idx < hi[:, None]))[:, None]  # [b 1 l]
+    p = jnp.where(in_run, jnp.exp(keep_to_end), 0.0)
+    c_s = jnp.where(in_run, jnp.exp(eta_to_end), 0.0)
+    c_m = jnp.where(in_run, jnp.einsum("bht,bhts->bhs", p, jnp.exp(x_eta)), 0.0)
+    first = jnp.clip(lo, 0, n - 1)[:, None, None]
+    at_lo = lambda a: jnp.take_along_axis(a, first, axis=2)[..., 0]  # [b h l] -> [b h]
+    eta_lo = jnp.exp(at_lo(jnp.moveaxis(log_eta, 1, -1)))
+    keep_lo = jnp.exp(at_lo(jnp.moveaxis(log_keep, 1, -1)))
+    empty = (hi <= lo)[:, None]
+    e = jnp.where(empty, 1.0, eta_lo * at_lo(c_s))[..., None, None]  # [b h 1 1]
+    a = jnp.where(empty, 1.0, keep_lo * at_lo(p))[..., None, None]
+    bb = jnp.where(empty, 0.0, eta_lo * at_lo(c_m))[..., None, None]
+    s, err, da = factors
+    wt = jnp.stack([c_m, c_s]) * jnp.moveaxis(theta, 1, -1)  # [2 b h l]: weights for M and for S
+    g1 = jnp.einsum("cbhl,blhk,blhm->cbhkm", wt, kw, da)
+    g2 = jnp.einsum("cbhl,blhm,blhk->cbhmk", wt, s, err)
+    new_mem = (a * mem[0] + bb * mom[0] - g1[0], a * mem[1] + bb * mom[1] - g2[0])
+    new_mom = (e * mom[0] - g1[1], e * mom[1] - g2[1])
+    return new_mem, new_mom
+
+
+def _block_pass(cfg, p, carry: TitansCache, xb, cont, docid, mems, which):
+    """Retrieve -> attend -> write keys / values -> gradient factors for every token of a block at once, token
+    (b, i) reading memory ``which[b, i]`` of ``mems`` (a pair of stacks [r b h k m], [r b h m k]). Returns the
+    block's window entries, attention outputs, layer outputs, write keys and gradient factors."""
+    c = cfg.titans
+    dtype = common.dtype_of(cfg.dtype)
+    sd = carry.mem1.dtype
+    b, n = cont.shape
+    h, k = carry.win_k.shape[2:]
+    idx = jnp.arange(n)
+
+    # 1. retrieve
+    h_t = _select(_apply_tokens(*mems, xb["q_mem"].astype(sd)), which)                 # [b l h k]
+    mem_tok = _project(cfg, h_t.reshape(b, n, h * k).astype(dtype), p["w_mem"])        # [b l d]
+    km, vm = _project(cfg, mem_tok, p["w_k"]), _project(cfg, mem_tok, p["w_v"])        # [b l h k]
+    # each position brings a memory entry and an input entry, in this order (as the cache's window)
+    blk_k = jnp.stack([km, xb["kx"].astype(dtype)], axis=2).reshape(b, 2 * n, h, k)
+    blk_v = jnp.stack([vm, xb["vx"].astype(dtype)], axis=2).reshape(b, 2 * n, h, k)
+
+    # 2. attend over [persistent ++ carried window ++ this block]
+    n_p, n_w = p["kp"].shape[0], carry.win_k.shape[1]
+    keys = jnp.concatenate([jnp.broadcast_to(p["kp"], (b, n_p, h, k)).astype(dtype),
+                            carry.win_k.astype(dtype), blk_k], axis=1)  # [b s h k]
+    vals = jnp.concatenate([jnp.broadcast_to(p["vp"], (b, n_p, h, k)).astype(dtype),
+                            carry.win_v.astype(dtype), blk_v], axis=1)
+    # carried pair j sits window - 1 - j positions before the block: inside token i's window iff j >= i
+    pair_w = jnp.arange(n_w) // 2
+    ok_w = carry.win_valid[:, None, :] & cont[:, :, None] & (pair_w[None, None, :] >= idx[None, :, None])
+    pair_b = jnp.arange(2 * n) // 2
+    ok_b = ((pair_b[None, :] <= idx[:, None]) & (idx[:, None] - pair_b[None, :] < c.window))[None] \
+        & (jnp.repeat(docid, 2, axis=1)[:, None, :] == docid[:, :, None])
+    ok = jnp.concatenate([jnp.ones((b, n, n_p), bool), ok_w, ok_b], axis=2)  # [b l s]
+    logits = jnp.einsum("blhk,bshk->bhls", xb["q"].astype(sd), keys.astype(sd)) * k ** -0.5
+    logits = jnp.where(ok[:, None], logits, -jnp.inf)
+    attn = jnp.einsum("bhls,bshk->blhk", jax.nn.softmax(logits, axis=-1), vals.astype(sd))  # [b l h k]
+    y = _project(cfg, attn.reshape(b, n, h * k).astype(dtype), p["w_o"])                    # [b l d]
+
+    # 3. what the update needs: write keys / values and the gradient factors at each token's memory
+    kw = l2_normalize(_project(cfg, y, p["w_wk"])).astype(sd)                               # [b l h k]
+    vw = _project(cfg, y, p["w_wv"]).astype(sd)
+    factors = _select(memory_grad_factors(*mems, kw, vw), which)
+    return blk_k, blk_v, attn, y, kw, factors
+
+
+def _chunk_block(cfg, p, carry: TitansCache, xb, *, aligned: bool):
+    """One block of l = chunk_size positions (all rows), of which the first ``xb['n_valid']`` are tokens (the
+    rest pad the call's last block). Returns the carry after the last token and (y, attn)."""
+    c = cfg.titans
+    start = xb["start"]  # [b l]
+    n = start.shape[1]
+    n_valid = xb["n_valid"]  # scalar int32
+    idx = jnp.arange(n)
+    docid = jnp.cumsum(start.astype(jnp.int32), axis=1)  # 0: the document continued from the carry
+    cont = docid == 0
+    last_start = jax.lax.cummax(jnp.where(start, idx, -1), axis=1)
+    pos = jnp.where(cont, carry.pos[:, None] + idx, idx - last_start)  # [b l] position in the document
+    # the continued document's chunk boundary in this block (n = none): at most one, since l = chunk_size
+    r = jnp.min(jnp.where(cont & (pos % c.chunk_size == 0), idx, n), axis=1)  # [b]
+    late = cont & (idx[None] >= r[:, None])  # reads the memory written by the block's tokens before r
+    init = p["init_mem"]
+    mem, mom, seg = (carry.mem1, carry.mem2), (carry.mom1, carry.mom2), (carry.seg1, carry.seg2)
+    gates = (xb["log_keep"], xb["log_eta"], xb["theta"])
+    stack = lambda *ms: tuple(jnp.stack(ws) for ws in zip(*ms))
+
+    # The state after the last token comes from the run of its document in the block, which starts from the
+    # carry (the continued document) or from the initial memory.
+    last = n_valid - 1
+    cont_last = jax.lax.dynamic_index_in_dim(cont, last, axis=1, keepdims=False)  # [b]
+    lo = jnp.maximum(jax.lax.dynamic_index_in_dim(last_start, last, axis=1, keepdims=False), 0)
+    pick = lambda a, b_: jax.tree.map(lambda u, v: jnp.where(cont_last[:, None, None, None], u, v), a, b_)
+    zeros = jax.tree.map(jnp.zeros_like, mom)
+    last_run = (pick(mem, init), pick(mom, zeros), lo, jnp.full_like(lo, n_valid))
+
+    if aligned:
+        # Every chunk starts at a block start: the continued document reads the carried memory throughout.
+        mem_at_r = mem
+        outs = _block_pass(cfg, p, carry, xb, cont, docid, stack(init, mem), cont.astype(jnp.int32))
+    else:
+        # Tokens read the initial memory (0), the carried chunk-start memory (1) or the memory at r (2). The
+        # tokens before r read 0 or 1 only: a first pass gives them, and from their gradients the memory at r.
+        first = _block_pass(cfg, p, carry, xb, cont, docid, stack(init, seg), cont.astype(jnp.int32))
+        mem_at_r = _run_update(mem, mom, jnp.zeros_like(r), r, *gates, first[-2], first[-1])[0]
+        outs = _block_pass(cfg, p, carry, xb, cont, docid, stack(init, seg, mem_at_r),
+                           jnp.where(late, 2, cont.astype(jnp.int32)))
+    blk_k, blk_v, attn, y, kw, factors = outs
+    new_mem, new_mom = _run_update(*last_run, *gates, kw, factors)
+    # its chunk reads the memory at r if it is the continued document past its boundary
+    new_seg = pick(jax.tree.map(lambda u, v: jnp.where((r < n)[:, None, None, None], u, v), mem_at_r, seg), init)
+    n_w = carry.win_k.shape[1]
+    window = lambda old, new: jax.lax.dynamic_slice_in_dim(jnp.concatenate([old, new], axis=1), 2 * n_valid, n_w, 1)
+    new = TitansCache(
+        mem1=new_mem[0], mem2=new_mem[1], seg1=new_seg[0], seg2=new_seg[1], mom1=new_mom[0], mom2=new_mom[1],
+        win_k=window(carry.win_k, blk_k.astype(carry.win_k.dtype)),
+        win_v=window(carry.win_v, blk_v.astype(carry.win_v.dtype)),
+        win_valid=window(carry.win_valid & cont_last[:, None], jnp.repeat(idx, 2)[None, :] >= lo[:, None]),
+        pos=jax.lax.dynamic_index_in_dim(pos, last, axis=1, keepdims=False).astype(jnp.int32) + 1,
+        last_segment=carry.last_segment)
+    return new, (y, attn)
+
+
+def _chunked_scan(cfg, p, cache: TitansCache, xs, *, aligned: bool):
+    """All tokens of a call, block by block: xs holds [b t ...] arrays. Returns (cache, y [b t d], attn [b t h k]).
+
+    A length that is not a multiple of chunk_size is padded at the end with one-token documents (start=True),
+    which no token attends to; the carry of the last block is taken after its last real token."""
+    size = cfg.titans.chunk_size
+    b, t = xs["start"].shape
+    n_blocks = -(-t // size)
+    pad = n_blocks * size - t
+    xs = {name: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=(name == "start"))
+          for name, a in xs.items()}
+    blocks = jax.tree.map(lambda a: jnp.moveaxis(a.reshape((b, n_blocks, size) + a.shape[2:]), 1, 0), xs)
+    blocks["n_valid"] = jnp.minimum(size, t - size * jnp.arange(n_blocks)).astype(jnp.int32)
+    body = lambda carry, xb: _chunk_block(cfg, p, carry, xb, aligned=aligned)
+    if cfg.titans.get("remat", True):  # keep only the carry of each block for the backward pass
+        body = jax.checkpoint(body)
+    cache, (y, attn) = jax.lax.scan(body, cache, blocks)
+    y, attn = (jnp.moveaxis(a, 0, 1).reshape((b, n_blocks * size) + a.shape[3:])[:, :t] for a in (y, attn))
+    return cache, y, attn
