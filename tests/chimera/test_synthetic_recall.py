@@ -81,7 +81,8 @@ def test_mqar_config_builds_lm_batches_and_resumes():
     assert set(b1) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
     assert b1["inputs"].shape == (4, 64) and b1["inputs"].dtype == np.int32
     assert (b1["loss_mask"].sum(1) == 4).all()
-    _check_mqar_row({k: v[0] for k, v in b1.items()}, 128, 64, 4, True)
+    assert c.data.mqar.random_non_queries is False and c.model.tie_embeddings  # Zoology's figure-2 setting
+    _check_mqar_row({k: v[0] for k, v in b1.items()}, 128, 64, 4, False)
     state = data.train.get_state()
     b2 = next(data.train)
     data.train.set_state(state)
@@ -92,3 +93,5 @@ def test_mqar_config_builds_lm_batches_and_resumes():
     for arch in ("dense", "mamba2", "gdn", "sliding"):
         assert mqar_configs.get_config(f"arch={arch}").model.num_layers == 2
     assert mqar_configs.get_config("arch=sliding,window=16").model.attention.window == 16
+    assert mqar_configs.get_config("steps=100,evals=4").eval_every == 25
+    assert not mqar_configs.get_config("tie=False").model.tie_embeddings

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (one GPU, 16 cores) for the MQAR sweep (issue 6).
+#   bash experiments/gpu_mqar.sh          the full grid, 12 training runs at a time; dense and chimera first; no run
+#                                         starts after --budget_s and a run past --timeout is killed, so the call
+#                                         ends within about 8 minutes. $OUT gets mqar_sweep.{md,json,png,log}.
+#   bash experiments/gpu_mqar.sh probe    the recipe check (about 5 minutes): dense, d 64, (64, 4), lr 1e-2 and 3e-3,
+#                                         16000 steps, 32 evals each, at vocab 8192 ($OUT/probe) and 256
+#                                         ($OUT/probe_v256): the step where dense passes 95% sets --steps.
+# Further arguments go to experiments/mqar_sweep.py, e.g. --steps=8000 --vocab_size=256 --archs=dense,chimera, or
+# --merge=experiments/results/mqar_sweep.json to add the runs of an earlier call to the table.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-experiments/results}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "${1:-}" = probe ]; then
+  shift
+  PROBE="--grid=full --archs=dense --d_models=64 --settings=64x4 --lrs=1e-2,3e-3 --steps=16000 --evals=32
+         --parallel=4 --timeout=420"
+  for v in 8192 256; do
+    dest=$OUT/probe; [ $v = 8192 ] || dest=$OUT/probe_v$v
+    mkdir -p $dest
+    python3 experiments/mqar_sweep.py $PROBE --vocab_size=$v --out=$dest --workdirs=/tmp/mqar_probe "$@" \
+      > $dest/mqar_sweep.log 2>&1 &
+  done
+  wait
+  for dest in $OUT/probe $OUT/probe_v256; do echo "== $dest"; grep -A4 '^Dense learning' $dest/mqar_sweep.md; done
+  exit 0
+fi
+mkdir -p $OUT
+python3 experiments/mqar_sweep.py --grid=full --out=$OUT --workdirs=/tmp/mqar_sweep --parallel=12 \
+  --budget_s=270 --timeout=210 "$@" > $OUT/mqar_sweep.log 2>&1
+echo "== mqar sweep (exit $?)"; grep -E '^(\||#|Sweep|Not started|- )' $OUT/mqar_sweep.md | head -60

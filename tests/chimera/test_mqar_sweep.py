@@ -1,0 +1,87 @@
+"""The MQAR sweep runner: launch order, parallel slots, the time budget, timeouts, the table, a real tiny sweep."""
+import json
+import os
+import time
+
+import pytest
+
+from experiments import mqar_sweep as ms
+
+
+def test_plan_covers_the_grid_key_archs_and_first_lr_first():
+    jobs = ms.plan(ms.FULL, ms.ARCHS)
+    keys = {(j["arch"], j["d_model"], j["seq_len"], j["num_kv_pairs"], j["lr"]) for j in jobs}
+    n_cells = len(ms.FULL["d_models"]) * len(ms.FULL["settings"])
+    assert len(jobs) == len(keys) == n_cells * len(ms.ARCHS) * len(ms.FULL["lrs"])
+    n_key = n_cells * len(ms.KEY_ARCHS)
+    first = jobs[:n_key]  # every cell of dense and chimera at the preferred lr before anything else
+    assert {j["arch"] for j in first} == set(ms.KEY_ARCHS) and {j["lr"] for j in first} == {ms.FULL["lrs"][0]}
+    assert {(j["d_model"], j["seq_len"]) for j in first} == {(d, L) for d in ms.FULL["d_models"]
+                                                             for L, _ in ms.FULL["settings"]}
+    assert all(j["arch"] in ms.KEY_ARCHS for j in jobs[:n_key * len(ms.FULL["lrs"])])
+    assert all(j["arch"] not in ms.KEY_ARCHS for j in jobs[n_key * len(ms.FULL["lrs"]):])
+    assert first[0]["d_model"] * first[0]["seq_len"] == max(d * L for d in ms.FULL["d_models"]
+                                                            for L, _ in ms.FULL["settings"])
+
+
+class _FakeRun:
+    """Finishes 0.1 s after its start with an accuracy that grows with lr; records how many ran at once."""
+    live = 0
+    peak = 0
+    envs = []
+
+    def __init__(self, job, grid, root, env):
+        self.job, self.t0 = job, time.time()
+        _FakeRun.live += 1
+        _FakeRun.peak = max(_FakeRun.peak, _FakeRun.live)
+        _FakeRun.envs.append(env)
+
+    def poll(self, timeout):
+        if time.time() - self.t0 < 0.1:
+            return None
+        _FakeRun.live -= 1
+        return dict(name=ms.run_name(self.job, ms.TINY), **self.job, accuracy=min(1.0, 100 * self.job["lr"]))
+
+
+def test_sweep_keeps_parallel_slots_and_stops_at_the_budget(tmp_path):
+    grid = dict(ms.TINY, lrs=(1e-3, 2e-3, 3e-3, 4e-3, 5e-3))
+    jobs = ms.plan(grid, ("dense",))
+    _FakeRun.live = _FakeRun.peak = 0
+    rows, not_run = ms.sweep(jobs, grid, str(tmp_path), parallel=3, run_cls=_FakeRun)
+    assert len(rows) == 5 and not not_run and _FakeRun.peak == 3
+    env = _FakeRun.envs[-1]  # shared accelerator: on-demand memory, a third of it at most each
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) < 0.34
+    # A budget spent while the first two run: nothing else starts, and the rest is reported as not run.
+    rows, not_run = ms.sweep(jobs, grid, str(tmp_path), parallel=2, budget_s=0.05, run_cls=_FakeRun)
+    assert [r["lr"] for r in rows] == [1e-3, 2e-3] and [j["lr"] for j in not_run] == [3e-3, 4e-3, 5e-3]
+    text = ms.report(rows, grid, "tiny", str(tmp_path), not_run=not_run, archs=("dense",), wall_s=1.0)
+    assert "| dense | 20.0% (lr 0.002; 2/5 lr) |" in text
+    assert "Not started (time budget spent; 3 runs)" in text and ms.run_name(not_run[0], grid) in text
+    saved = json.load(open(tmp_path / "mqar_sweep.json"))
+    assert len(saved["runs"]) == 2 and len(saved["not_run"]) == 3
+    assert (tmp_path / "mqar_sweep.md").exists() and (tmp_path / "mqar_sweep.png").exists()
+
+
+def test_real_runs_in_parallel_then_skip_when_done_and_timeout_kills(tmp_path):
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    ms.main(["--grid=tiny", "--archs=dense", "--settings=16x2", "--parallel=2", f"--out={out}", f"--workdirs={work}"])
+    saved = json.load(open(os.path.join(out, "mqar_sweep.json")))
+    assert len(saved["runs"]) == 2 and all("error" not in r for r in saved["runs"]), saved["runs"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["step"] == ms.TINY["steps"] for r in saved["runs"])
+    assert all(r["curve"][-1][0] == ms.TINY["steps"] for r in saved["runs"])
+    # Finished runs are read back, not trained again.
+    t0 = time.time()
+    rows, _ = ms.sweep(ms.plan(ms.TINY, ("dense",)), ms.TINY, work, parallel=2)
+    first = {r["name"]: r["accuracy"] for r in saved["runs"]}  # (in the order the runs finished)
+    assert time.time() - t0 < 5 and {r["name"]: r["accuracy"] for r in rows} == first
+    # An earlier call's runs join the table (--merge): nothing is trained again; other steps are refused.
+    merged_out, merged_work = tmp_path / "merged", tmp_path / "unused"
+    merge = os.path.join(out, "mqar_sweep.json")
+    ms.main(["--grid=tiny", "--archs=dense", f"--merge={merge}", f"--out={merged_out}", f"--workdirs={merged_work}"])
+    assert len(json.load(open(merged_out / "mqar_sweep.json"))["runs"]) == 2 and not merged_work.exists()
+    with pytest.raises(SystemExit, match="steps"):
+        ms.main(["--grid=tiny", "--steps=3", f"--merge={merge}", f"--out={merged_out}", f"--workdirs={merged_work}"])
+    # A run past its timeout is killed and reported as failed.
+    job = dict(arch="dense", d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-2)
+    rows, _ = ms.sweep([job], ms.TINY, work, timeout=1)
+    assert rows[0]["error"].startswith("timeout") and rows[0]["seconds"] < 10
