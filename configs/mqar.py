@@ -11,8 +11,9 @@ The recipe follows the Zoology study's MQAR runs where it matters: tied input an
 copy of a token seen in the context; with a tied head the copied embedding is already the answer's logit direction,
 while an untied head must learn an output row for each of the V/2 value tokens, which at V = 8192 takes most of a
 short run), zeros at the non-query positions (``random_non_queries=False``, the study's figure 2), AdamW with weight
-decay 0.1, linear warmup then cosine decay, a fresh batch every step. Two changes for short runs: peak lr 1e-2 and an
-embedding init of std 0.1 rather than 0.02 (a tied head's logits scale with the embedding norm; at 0.02 they start
+decay 0.1, linear warmup then cosine decay, a fresh batch every step; peak lr 3e-3 and 6000 steps, from the H100
+probe in experiments/results/mqar_probe_h100.md (at vocab 8192, lr 3e-3 passed 99% by step 4000 while 1e-2 stayed
+on the plateau for 8500 steps). One change for short runs: an embedding init of std 0.1 rather than 0.02 (a tied head's logits scale with the embedding norm; at 0.02 they start
 near zero for every token and the loss leaves ln V slowly). Dense attention first sits on a plateau at 1/P accuracy
 (the answer is one of the P values in context) and leaves it only once the two-layer lookup forms: at d 64, (64, 4),
 batch 64, vocab 256 that was after about 1.6k steps; vocab 8192 reaches the plateau later (about 1k steps).
@@ -31,7 +32,7 @@ ARCHS = {"dense": "dense", "mamba2": "mamba2", "gdn": "gdn", "sliding": "dense",
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     v = config_lib.parse_variant(arg, dict(arch="dense", d_model=64, seq_len=64, num_kv_pairs=4, vocab_size=8192,
-                                           lr=1e-2, steps=4000, batch_size=64, evals=4, window=32,
+                                           lr=3e-3, steps=6000, batch_size=64, evals=4, window=32,
                                            power_a=0.01, random_non_queries=False, tie=True, init_std=0.1))
     config_lib.check_choice("arch", v["arch"], ARCHS)
     c = lm_configs.get_config(f"arch={ARCHS[v['arch']]},size=tiny")

@@ -27,9 +27,9 @@ ARCHS = ("dense", "chimera", "mamba2", "gdn", "sliding")
 KEY_ARCHS = ("dense", "chimera")  # the comparison the sweep exists for: these run first
 # lrs are in order of preference (the first is the one most likely best); runs at later ones start later.
 FULL = dict(d_models=(64, 128, 256), settings=((64, 4), (128, 8), (256, 16), (512, 64)),
-            lrs=(1e-2, 3e-3), steps=4000, batch_size=64, vocab_size=8192)
+            lrs=(3e-3, 1e-3), steps=6000, batch_size=64, vocab_size=8192)
 # The busy 2-core CPU grid: one width, the shortest setting, one learning rate, a short run.
-CPU = dict(d_models=(64,), settings=((64, 4),), lrs=(1e-2,), steps=1000, batch_size=64, vocab_size=8192)
+CPU = dict(d_models=(64,), settings=((64, 4),), lrs=(3e-3,), steps=1000, batch_size=64, vocab_size=8192)
 # Seconds per run anywhere: the tests' grid.
 TINY = dict(d_models=(16,), settings=((16, 2),), lrs=(1e-3, 3e-3), steps=2, batch_size=8, vocab_size=32)
 GRIDS = {"full": FULL, "cpu": CPU, "tiny": TINY}
