@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # hour or more, raise it (--config.population=12 --config.elite=2).
     c.population = 4
     c.elite = 1
-    c.tournament = 2
+    c.tournament = 3
     c.crossover_rate = 0.5
     c.mutation_rate = 0.2
     c.generations = v["generations"]
