@@ -145,6 +145,16 @@ def render(c1, model, variables, concepts, rng, temperature: float):
     out = {m: [[] for _ in range(concepts.shape[0])] for m, _ in lay}
     concepts = np.asarray(concepts)
     length = concepts.shape[1]
+    samplers = {}
+
+    def sampler(m):
+        """One compiled AU-Net sampler per modality, shared by every document (parameters are an argument)."""
+        if m not in samplers:
+            dec, segment = aunet_lib.AUNet(cfg), geometry(cfg, m)["segment"]
+            samplers[m] = jax.jit(lambda p, c, r: aunet_lib.sample(lambda t, cc: dec.apply(p, t, cc), c, segment, r,
+                                                                   temperature))
+        return samplers[m]
+
     for doc in range(0, length, per_doc):
         off = doc
         for m, n in lay:
@@ -161,11 +171,9 @@ def render(c1, model, variables, concepts, rng, temperature: float):
 
             cond = model.apply(variables, jnp.asarray(chunk), method=cond_fn)              # [s n d]
             b = cond.shape[0]
-            dec = aunet_lib.AUNet(cfg)
             dparams = {"params": variables["params"][f"aunet_{m}"]}
             rng, sub = jax.random.split(rng)
-            toks = jax.jit(lambda c, r: aunet_lib.sample(lambda t, cc: dec.apply(dparams, t, cc), c, g["segment"], r,
-                                                         temperature))(cond.reshape(b * n, -1), sub)
+            toks = sampler(m)(dparams, cond.reshape(b * n, -1), sub)
             toks = np.array(toks).reshape(b, n, -1)
             toks[:, have:] = 0  # concepts not generated render as blank
             full = np.asarray(from_segments(jnp.asarray(toks), g))
