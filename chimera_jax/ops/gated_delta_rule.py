@@ -265,6 +265,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     else:
         from kernels_pallas.gated_delta_rule import chunk_scan_pallas  # the kernels load only when asked for
 
+        if jax.default_backend() == "tpu":  # the Mosaic TPU kernel; checked in the TPU interpreter only (no TPU here)
+            from kernels_pallas.gated_delta_rule.chunk_scan_tpu import chunk_scan_pallas_tpu as chunk_scan_pallas
         scan = functools.partial(chunk_scan_pallas, mm_dtype=q.dtype)
         o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kw)
     return o, (s if output_final_state else None)
