@@ -143,44 +143,44 @@ def _scan_bwd_call(ut, w, qh, p, kd, gam, states, do, dst, *, c, mm_dtype, inter
     )(ut, w, qh, p, kd, gam, states, do, dst)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _scan(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
-    o, st, _ = _scan_fwd_call(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
-    return o, st
+def differentiable_scan(fwd_call, bwd_call):
+    """The scan over flat [r t .] inputs as a ``custom_vjp`` from one backend's forward and backward calls.
 
-
-def _scan_fwd(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
-    o, st, states = _scan_fwd_call(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
-    return (o, st), (ut, w, qh, p, kd, gam, states)
-
-
-def _scan_bwd(c, mm_dtype, interpret, res, cot):
-    ut, w, qh, p, kd, gam, states = res
-    do, dst = cot
-    dut, dw, dqh, dp, dkd, dgam, ds0 = _scan_bwd_call(ut, w, qh, p, kd, gam, states, do.astype(dst.dtype), dst,
-                                                      c=c, mm_dtype=mm_dtype, interpret=interpret)
-    # gam is repeated over the c positions of a chunk and the forward read it once per chunk: its gradient
-    # belongs on one of the copies only.
-    r, t = gam.shape
-    dgam = dgam.sum(0).reshape(r, t // c, c)
-    dgam = jnp.zeros_like(dgam).at[..., 0].set(dgam[..., 0]).reshape(r, t)
-    return (dut.astype(ut.dtype), dw.sum(0).astype(w.dtype), dqh.sum(0).astype(qh.dtype),
-            dp.sum(0).astype(p.dtype), dkd.sum(0).astype(kd.dtype), dgam.astype(gam.dtype), ds0)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def chunk_scan_pallas(ci, s0, *, mm_dtype=None, interpret=None):
-    """Drop-in for ``chunk_scan_xla``: ci holds [b h n c .] arrays, s0 [b h k v]; returns (o [b h n c v], s_T).
-
-    mm_dtype: operand dtype of the kernel's matmuls (bf16 for bf16 models; default the compute dtype).
-    interpret: run the kernel in the Pallas interpreter (default: whenever the backend is not a GPU).
+    ``fwd_call(ut, w, qh, p, kd, gam, s0, *, c, mm_dtype, interpret) -> (o, s_T, chunk-start states)`` and
+    ``bwd_call(..., states, do, dst, ...)`` returning per-v-block partial gradients [nv r t .] (this GPU file's
+    ``_scan_fwd_call`` / ``_scan_bwd_call``, or the TPU ones in ``chunk_scan_tpu.py``).
     """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+    def scan(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
+        o, st, _ = fwd_call(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
+        return o, st
+
+    def scan_fwd(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
+        o, st, states = fwd_call(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
+        return (o, st), (ut, w, qh, p, kd, gam, states)
+
+    def scan_bwd(c, mm_dtype, interpret, res, cot):
+        ut, w, qh, p, kd, gam, states = res
+        do, dst = cot
+        dut, dw, dqh, dp, dkd, dgam, ds0 = bwd_call(ut, w, qh, p, kd, gam, states, do.astype(dst.dtype), dst,
+                                                    c=c, mm_dtype=mm_dtype, interpret=interpret)
+        # gam is repeated over the c positions of a chunk and the forward read it once per chunk: its gradient
+        # belongs on one of the copies only.
+        r, t = gam.shape
+        dgam = dgam.sum(0).reshape(r, t // c, c)
+        dgam = jnp.zeros_like(dgam).at[..., 0].set(dgam[..., 0]).reshape(r, t)
+        return (dut.astype(ut.dtype), dw.sum(0).astype(w.dtype), dqh.sum(0).astype(qh.dtype),
+                dp.sum(0).astype(p.dtype), dkd.sum(0).astype(kd.dtype), dgam.astype(gam.dtype), ds0)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+def run_scan(scan, ci, s0, mm_dtype, interpret):
+    """ci [b h n c .] and s0 [b h k v] -> the flat [r t .] operands of ``scan`` -> (o [b h n c v], s_T)."""
     b, h, n, c, dv = ci.u_tilde.shape
     dk = ci.w.shape[-1]
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     acc = s0.dtype
     mm_dtype = jnp.dtype(mm_dtype or acc)
     io = mm_dtype if mm_dtype == jnp.bfloat16 else acc  # bf16 models stream bf16 operands
@@ -191,5 +191,19 @@ def chunk_scan_pallas(ci, s0, *, mm_dtype=None, interpret=None):
     ut, w, qh, kd = flat(ci.u_tilde, dv), flat(ci.w, dk), flat(ci.q_hat, dk), flat(ci.k_dec, dk)
     p = flat(ci.p, c)
     gam = jnp.repeat(ci.gamma.reshape(b * h, n).astype(acc), c, axis=1)  # [r t]
-    o, st = _scan(ut, w, qh, p, kd, gam, s0.reshape(b * h, dk, dv), c, mm_dtype, bool(interpret))
+    o, st = scan(ut, w, qh, p, kd, gam, s0.reshape(b * h, dk, dv), c, mm_dtype, interpret)
     return o.reshape(b, h, n, c, dv), st.reshape(b, h, dk, dv)
+
+
+_scan = differentiable_scan(_scan_fwd_call, _scan_bwd_call)
+
+
+def chunk_scan_pallas(ci, s0, *, mm_dtype=None, interpret=None):
+    """Drop-in for ``chunk_scan_xla``: ci holds [b h n c .] arrays, s0 [b h k v]; returns (o [b h n c v], s_T).
+
+    mm_dtype: operand dtype of the kernel's matmuls (bf16 for bf16 models; default the compute dtype).
+    interpret: run the kernel in the Pallas interpreter (default: whenever the backend is not a GPU).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return run_scan(_scan, ci, s0, mm_dtype, bool(interpret))

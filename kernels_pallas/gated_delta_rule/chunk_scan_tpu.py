@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.gated_delta_rule.chunk_scan import differentiable_scan, run_scan
+
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -175,32 +177,7 @@ def scan_bwd_call_tpu(ut, w, qh, p, kd, gam, states, do, dst, *, c, mm_dtype, in
     return dut, dw, dqh, dp, dkd, dgam.reshape(nv, r, t), ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _scan(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
-    o, st, _ = scan_fwd_call_tpu(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
-    return o, st
-
-
-def _scan_fwd(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
-    o, st, states = scan_fwd_call_tpu(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
-    return (o, st), (ut, w, qh, p, kd, gam, states)
-
-
-def _scan_bwd(c, mm_dtype, interpret, res, cot):
-    ut, w, qh, p, kd, gam, states = res
-    do, dst = cot
-    dut, dw, dqh, dp, dkd, dgam, ds0 = scan_bwd_call_tpu(ut, w, qh, p, kd, gam, states, do.astype(dst.dtype),
-                                                         dst, c=c, mm_dtype=mm_dtype, interpret=interpret)
-    # gam is repeated over the c positions of a chunk and the forward read it once per chunk: its gradient
-    # belongs on one of the copies only.
-    r, t = gam.shape
-    dgam = dgam.sum(0).reshape(r, t // c, c)
-    dgam = jnp.zeros_like(dgam).at[..., 0].set(dgam[..., 0]).reshape(r, t)
-    return (dut.astype(ut.dtype), dw.sum(0).astype(w.dtype), dqh.sum(0).astype(qh.dtype),
-            dp.sum(0).astype(p.dtype), dkd.sum(0).astype(kd.dtype), dgam.astype(gam.dtype), ds0)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = differentiable_scan(scan_fwd_call_tpu, scan_bwd_call_tpu)
 
 
 def chunk_scan_pallas_tpu(ci, s0, *, mm_dtype=None, interpret=None):
@@ -210,7 +187,7 @@ def chunk_scan_pallas_tpu(ci, s0, *, mm_dtype=None, interpret=None):
     mm_dtype: operand dtype of the kernel's matmuls (bf16 for bf16 models; default the compute dtype).
     interpret: None (interpret whenever the backend is not a TPU), False, True or a ``pltpu.InterpretParams``.
     """
-    b, h, n, c, dv = ci.u_tilde.shape
+    b, h, _, _, dv = ci.u_tilde.shape
     dk = ci.w.shape[-1]
     if s0.shape != (b, h, dk, dv):
         raise ValueError(f"initial state s0 must be [b h k v] = {(b, h, dk, dv)}; got {s0.shape}")
@@ -218,15 +195,4 @@ def chunk_scan_pallas_tpu(ci, s0, *, mm_dtype=None, interpret=None):
         interpret = jax.default_backend() != "tpu"
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    acc = s0.dtype
-    mm_dtype = jnp.dtype(mm_dtype or acc)
-    io = mm_dtype if mm_dtype == jnp.bfloat16 else acc  # bf16 models stream bf16 operands
-
-    def flat(x, width):
-        return x.reshape(b * h, n * c, width).astype(io)
-
-    ut, w, qh, kd = flat(ci.u_tilde, dv), flat(ci.w, dk), flat(ci.q_hat, dk), flat(ci.k_dec, dk)
-    p = flat(ci.p, c)
-    gam = jnp.repeat(ci.gamma.reshape(b * h, n).astype(acc), c, axis=1)  # [r t]
-    o, st = _scan(ut, w, qh, p, kd, gam, s0.reshape(b * h, dk, dv), c, mm_dtype, interpret or False)
-    return o.reshape(b, h, n, c, dv), st.reshape(b, h, dk, dv)
+    return run_scan(_scan, ci, s0, mm_dtype, interpret or False)
