@@ -303,11 +303,15 @@ def main(argv=None):
         for row in bench_model(name, cfg, batches, args.context, args.steps, args.warmup, args.calib_steps):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    order = {n: i for i, n in enumerate(args.models.split(","))}
-    rows.sort(key=lambda r: (r["batch"], order[r["model"]]))
-    meta["wall_s"] = time.perf_counter() - t0
-    report(rows, meta, args.out)
-    return rows
+            # The table is rewritten after every row, so a run cut by a time limit keeps what it measured.
+            meta["wall_s"] = time.perf_counter() - t0
+            report(_ordered(rows, args.models), meta, args.out)
+    return _ordered(rows, args.models)
+
+
+def _ordered(rows, models):
+    order = {n: i for i, n in enumerate(models.split(","))}
+    return sorted(rows, key=lambda r: (r["batch"], order[r["model"]]))
 
 
 if __name__ == "__main__":

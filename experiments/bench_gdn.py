@@ -36,6 +36,9 @@ def bench_jax(path):
 
     impls = {
         "ours-pallas": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas")[0],
+        # The same with the intra-chunk intermediates kept from forward to backward (more memory, no recompute).
+        "ours-pallas-keep": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                   remat_prepare=False)[0],
         "ours-xla": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="xla")[0],
     }
     try:

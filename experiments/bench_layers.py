@@ -88,6 +88,11 @@ def main():
             row = dict(code=code, error=f"{type(e).__name__}: {str(e)[:300]}")
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write(rows, args)  # after every mixer, so a run cut by a time limit keeps what it measured
+    print(write(rows, args))
+
+
+def write(rows, args) -> str:
     dev = jax.devices()[0]
     env = dict(device=dev.device_kind, jax=jax.__version__, flax=flax.__version__, date=time.strftime("%Y-%m-%d"),
                batch=args.batch, seq_len=args.seq_len, d_model=args.d_model, dtype="bfloat16")
@@ -109,7 +114,7 @@ def main():
                      f"{r['temp_gib']:.1f} | {r['params'] / 1e6:.1f}M |")
     with open(os.path.join(args.out, "bench_layers.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

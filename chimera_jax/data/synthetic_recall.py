@@ -14,7 +14,10 @@ to 32K (and beyond) are fine: rows are generated one at a time.
 
 Both are grain ``MapDataset``s of batches ``inputs/targets/segment_ids/positions/loss_mask`` [b t], so the 'lm'
 stage trains on them unchanged (``data.source = 'mqar' | 'niah'``); its eval accuracy is the recall accuracy.
-Every row is a pure function of (seed, split, index): the iterator is checkpointable and resumes exactly.
+MQAR batches are drawn whole with array operations over the batch (``mqar_batch``; ``mqar_example`` is the row by
+row reference it is tested against); a fresh-data batch is a pure function of (seed, split, batch index), a NIAH
+row of (seed, split, row index): the iterator is checkpointable and resumes exactly. A small fixed MQAR training
+set (``num_train_examples``) is drawn once, in batches, and its rows are shuffled and repeated.
 """
 from __future__ import annotations
 
@@ -47,21 +50,35 @@ def niah_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(vocab_size=1024, value_len=2, min_depth=0.0, max_depth=1.0))
 
 
-def mqar_example(rng: np.random.Generator, *, vocab_size: int, seq_len: int, num_kv_pairs: int,
-                 power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, np.ndarray]:
-    """One MQAR row: inputs, targets, loss_mask [t] (targets and mask are 0 off the query positions)."""
+def _mqar_shape(vocab_size: int, seq_len: int, num_kv_pairs: int) -> tuple[int, int]:
+    """(space, half): the number of query slots after the pairs, and the first value token; checks both fit."""
     p, t = num_kv_pairs, seq_len
-    context = 2 * p
-    space = (t - context) // 2
+    space = (t - 2 * p) // 2
     if space < p:
         raise ValueError(f"MQAR: seq_len={t} leaves room for {space} queries after {p} pairs; need at least {p} "
                          f"(seq_len >= 4 * num_kv_pairs)")
     half = vocab_size // 2
     if half - 1 < p:
         raise ValueError(f"MQAR: vocab_size={vocab_size} has {half - 1} key tokens for {p} pairs")
+    return space, half
+
+
+def _gap_weights(space: int, power_a: float) -> np.ndarray:
+    """[space] unnormalised probabilities a (g + 1)^(a - 1) of the gaps g = 0 .. space - 1."""
+    return power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
+
+
+def mqar_example(rng: np.random.Generator, *, vocab_size: int, seq_len: int, num_kv_pairs: int,
+                 power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, np.ndarray]:
+    """One MQAR row: inputs, targets, loss_mask [t] (targets and mask are 0 off the query positions).
+
+    The row-by-row reference of ``mqar_batch`` (which draws from the same distribution, whole batches at once)."""
+    p, t = num_kv_pairs, seq_len
+    context = 2 * p
+    space, half = _mqar_shape(vocab_size, seq_len, num_kv_pairs)
     keys = rng.choice(np.arange(1, half), p, replace=False)
     values = rng.choice(np.arange(half, vocab_size), p, replace=False)
-    weights = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
+    weights = _gap_weights(space, power_a)
     gaps = rng.choice(space, p, replace=False, p=weights / weights.sum())
     qpos = context + 2 * gaps                                  # [p] query positions
 
@@ -77,6 +94,65 @@ def mqar_example(rng: np.random.Generator, *, vocab_size: int, seq_len: int, num
         blank[:context] = False
         blank[qpos] = False
         inputs[blank] = rng.integers(0, vocab_size, blank.sum())
+    return dict(inputs=inputs, targets=targets, loss_mask=mask)
+
+
+def _ordered_sample(rng: np.random.Generator, rows: int, n: int, k: int,
+                    weights: np.ndarray | None = None) -> np.ndarray:
+    """[rows k] int: per row, k distinct items of range(n) in the order of a draw without replacement.
+
+    This is what ``rng.choice(n, k, replace=False, p=weights / weights.sum())`` draws for one row (weights None:
+    uniform), for many rows at once:
+    - weighted: every item gets an exponential arrival time E / w (E ~ Exp(1)); the k earliest, earliest first,
+      are distributed exactly as k successive draws without replacement with probability proportional to w among
+      the items left (the exponential race). argpartition keeps it O(n) per row instead of a full sort.
+    - uniform: k independent uniform draws per row, redrawing the rows that repeat an item (given that they are
+      distinct, k uniform draws are a uniform ordered k-subset). Taken while a row is accepted with probability
+      >= 1/8; below that, the race with equal weights.
+    """
+    if weights is None:
+        accept = np.exp(np.log1p(-np.arange(k) / n).sum())
+        if accept >= 0.125:
+            out = rng.integers(0, n, (rows, k))
+            while True:
+                s = np.sort(out, axis=1)
+                bad = (s[:, 1:] == s[:, :-1]).any(axis=1)                      # [b] rows with a repeat
+                if not bad.any():
+                    return out
+                out[bad] = rng.integers(0, n, (int(bad.sum()), k))
+        weights = np.ones(n)
+    arrival = rng.standard_exponential((rows, n)) / weights                       # [b n]
+    first = np.argpartition(arrival, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), (rows, n))
+    order = np.argsort(np.take_along_axis(arrival, first, axis=1), axis=1)
+    return np.take_along_axis(first, order, axis=1)                               # [b k]
+
+
+def mqar_batch(rng: np.random.Generator, batch_size: int, *, vocab_size: int, seq_len: int, num_kv_pairs: int,
+               power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, np.ndarray]:
+    """``batch_size`` MQAR rows at once: inputs, targets [b t] int32, loss_mask [b t] float32.
+
+    Same distribution as ``batch_size`` calls of ``mqar_example`` (not the same random stream): array operations
+    over the batch instead of one Python-level row at a time, which kept small models waiting on the host.
+    """
+    b, p, t = batch_size, num_kv_pairs, seq_len
+    context = 2 * p
+    space, half = _mqar_shape(vocab_size, seq_len, num_kv_pairs)
+    keys = 1 + _ordered_sample(rng, b, half - 1, p)                                   # [b p]
+    values = half + _ordered_sample(rng, b, vocab_size - half, p)                      # [b p]
+    gaps = _ordered_sample(rng, b, space, p, _gap_weights(space, power_a))             # [b p]
+    qpos = context + 2 * gaps                                                          # [b p] query positions
+
+    inputs = np.zeros((b, t), np.int32)
+    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
+    np.put_along_axis(inputs, qpos, keys, axis=1)
+    targets = np.zeros((b, t), np.int32)
+    np.put_along_axis(targets, qpos, values, axis=1)
+    mask = np.zeros((b, t), np.float32)
+    np.put_along_axis(mask, qpos, 1.0, axis=1)
+    if random_non_queries:
+        blank = mask == 0
+        blank[:, :context] = False
+        inputs = np.where(blank, rng.integers(0, vocab_size, (b, t), dtype=np.int32), inputs)
     return dict(inputs=inputs, targets=targets, loss_mask=mask)
 
 
@@ -127,51 +203,87 @@ class SyntheticTokenizer:
         return np.ones(self.vocab_size, np.int32)
 
 
-def _row_fn(data_cfg, seed: int, split: int):
-    t = data_cfg.seq_len
+# Host-side reading: one background thread drawing a few batches ahead is enough for a vectorised batch, and keeps
+# many small runs sharing a machine's cores from each starting grain's default of 16 threads and 500 buffered
+# elements. ``data.read_threads`` / ``data.prefetch_batches`` override these (0 threads = draw on the main thread).
+READ_THREADS, PREFETCH_BATCHES = 1, 8
+
+
+def _task(data_cfg):
+    """(sub-block, its generator's keyword arguments without the rng) for ``data.source``."""
     if data_cfg.source == "mqar":
         c = data_cfg.mqar
-        make = lambda rng: mqar_example(rng, vocab_size=c.vocab_size, seq_len=t, num_kv_pairs=c.num_kv_pairs,
-                                        power_a=c.power_a, random_non_queries=c.random_non_queries)
-    elif data_cfg.source == "niah":
+        return c, dict(vocab_size=c.vocab_size, seq_len=data_cfg.seq_len, num_kv_pairs=c.num_kv_pairs,
+                       power_a=c.power_a, random_non_queries=c.random_non_queries)
+    if data_cfg.source == "niah":
         c = data_cfg.niah
-        make = lambda rng: niah_example(rng, vocab_size=c.vocab_size, seq_len=t, value_len=c.value_len,
-                                        min_depth=c.min_depth, max_depth=c.max_depth)
-    else:
-        raise ValueError(f"data.source must be 'mqar' or 'niah' here, got {data_cfg.source!r}")
+        return c, dict(vocab_size=c.vocab_size, seq_len=data_cfg.seq_len, value_len=c.value_len,
+                       min_depth=c.min_depth, max_depth=c.max_depth)
+    raise ValueError(f"data.source must be 'mqar' or 'niah' here, got {data_cfg.source!r}")
 
-    def row(index: int) -> dict[str, np.ndarray]:
-        ex = make(np.random.default_rng([seed, split, int(index)]))
-        ex["segment_ids"] = np.ones(t, np.int32)
-        ex["positions"] = np.arange(t, dtype=np.int32)
-        return ex
 
-    return row, c.vocab_size
+def _one_document(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds segment_ids (all 1: one document) and positions (0 .. t-1) of the shape of ``ex['inputs']``."""
+    shape = ex["inputs"].shape
+    ex["segment_ids"] = np.ones(shape, np.int32)
+    ex["positions"] = np.ascontiguousarray(np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape))
+    return ex
+
+
+def _mqar_batch_fn(data_cfg, seed: int, split: int):
+    """index -> the MQAR batch drawn from the rng of (seed, split, index)."""
+    _, kw = _task(data_cfg)
+    b = data_cfg.batch_size
+    return lambda index: _one_document(mqar_batch(np.random.default_rng([seed, split, int(index)]), b, **kw))
+
+
+def _niah_row_fn(data_cfg, seed: int, split: int):
+    """index -> the NIAH row drawn from the rng of (seed, split, index)."""
+    _, kw = _task(data_cfg)
+    return lambda index: _one_document(niah_example(np.random.default_rng([seed, split, int(index)]), **kw))
+
+
+def _mqar_fixed_set(data_cfg, seed: int, n: int) -> dict[str, np.ndarray]:
+    """The first n rows of the fresh training stream, [n t] each: drawn once, in batches."""
+    make = _mqar_batch_fn(data_cfg, seed, _TRAIN)
+    chunks = [make(i) for i in range(-(-n // data_cfg.batch_size))]
+    return {k: np.concatenate([c[k] for c in chunks])[:n] for k in chunks[0]}
 
 
 def dataset(data_cfg, *, seed: int, split: str = "train") -> grain.MapDataset:
     """Batches [b t] of the configured task; 'train' is endless (or a fixed set repeated), 'eval' has
     ``data.eval_batches`` batches drawn from a stream disjoint from training."""
     b = data_cfg.batch_size
+    _task(data_cfg)  # fail early on an unknown source
+    if data_cfg.source == "mqar":
+        if split != "train":
+            return grain.MapDataset.range(data_cfg.eval_batches).map(_mqar_batch_fn(data_cfg, seed, _EVAL))
+        n = data_cfg.mqar.num_train_examples
+        if not n:
+            return grain.MapDataset.range(1 << 40).map(_mqar_batch_fn(data_cfg, seed, _TRAIN))
+        rows = _mqar_fixed_set(data_cfg, seed, n)
+        # Batches of shuffled row indices, then one gather per batch.
+        index = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(b, drop_remainder=True)
+        return index.map(lambda i: {k: v[np.asarray(i)] for k, v in rows.items()})
     if split == "train":
-        row, _ = _row_fn(data_cfg, seed, _TRAIN)
-        n = data_cfg.mqar.num_train_examples if data_cfg.source == "mqar" else 0
-        if n:
-            rows = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-        else:
-            rows = grain.MapDataset.range(1 << 40)
-        return rows.map(row).batch(b, drop_remainder=True)
-    row, _ = _row_fn(data_cfg, seed, _EVAL)
-    return grain.MapDataset.range(data_cfg.eval_batches * b).map(row).batch(b, drop_remainder=True)
+        return grain.MapDataset.range(1 << 40).map(_niah_row_fn(data_cfg, seed, _TRAIN)).batch(b, drop_remainder=True)
+    rows = grain.MapDataset.range(data_cfg.eval_batches * b).map(_niah_row_fn(data_cfg, seed, _EVAL))
+    return rows.batch(b, drop_remainder=True)
 
 
 def build(data_cfg, *, seed: int, vocab_size: int):
     """``LMData`` for ``data.source = 'mqar' | 'niah'`` (called by ``lm_pipeline.build``)."""
     from chimera_jax.data.lm_pipeline import LMData
 
-    _, task_vocab = _row_fn(data_cfg, seed, _TRAIN)
+    task_cfg, _ = _task(data_cfg)
+    task_vocab = task_cfg.vocab_size
     if task_vocab > vocab_size:
         raise ValueError(f"data.{data_cfg.source}.vocab_size={task_vocab} exceeds model.vocab_size={vocab_size}")
-    train = dataset(data_cfg, seed=seed, split="train").to_iter_dataset()
+    threads = int(data_cfg.get("read_threads", READ_THREADS))
+    buffer = int(data_cfg.get("prefetch_batches", PREFETCH_BATCHES))
+    if threads < 0 or buffer < 0:
+        raise ValueError(f"data.read_threads={threads} and data.prefetch_batches={buffer} must be >= 0")
+    train = dataset(data_cfg, seed=seed, split="train").to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     eval_batches = list(dataset(data_cfg, seed=seed, split="eval"))
     return LMData(tokenizer=SyntheticTokenizer(task_vocab), train=iter(train), eval_batches=eval_batches)

@@ -1,6 +1,11 @@
 """The one training loop. It runs any stage (stages/base.py): sharding, jit, checkpoints, logging, eval, signals.
 
 Read top to bottom: mesh -> stage -> state (restored or initialised, sharded) -> steps -> final checkpoint.
+
+Between the steps that log, evaluate or checkpoint, the loop never waits on the device: steps are dispatched
+asynchronously and their metrics dropped unread. The non-finite guard still sees every step, because the jitted
+step carries on the device the longest run of skipped updates seen so far; the host reads it at the next step that
+syncs, so a run is stopped at most ``log_every`` steps after the streak (see ``_LONGEST_STREAK``).
 """
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+# Metrics the jitted step adds for the loop's own bookkeeping (read at syncs, not logged):
+# the longest run of consecutive skipped updates up to this step (a running max: a streak that ended between two
+# syncs is still seen), and the skipped updates so far (to warn about those since the last sync).
+_LONGEST_STREAK, _SKIPPED_TOTAL = "nonfinite_longest_in_a_row", "nonfinite_total"
 
 
 class _Signals:
@@ -118,15 +129,17 @@ def train(config, workdir: str, *, stop_after: int | None = None):
 
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
-    def step_fn(state, batch):
+    def step_fn(state, batch, longest):
         state, metrics = stage.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
-        # The counter leaves as a metric of its own: the state's buffers are donated to the next step, so the host
+        longest = jnp.maximum(longest, state.nonfinite_in_a_row)
+        # The counters leave as metrics of their own: the state's buffers are donated to the next step, so the host
         # must never hold on to them (on GPU a donated buffer is gone).
-        return state, dict(metrics, nonfinite_in_a_row=state.nonfinite_in_a_row)
+        return state, dict(metrics, nonfinite_in_a_row=state.nonfinite_in_a_row, **{
+            _LONGEST_STREAK: longest, _SKIPPED_TOTAL: state.nonfinite_total}), longest
 
     with mesh, nn.logical_axis_rules(list(rules)):
-        train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                             out_shardings=(state_shardings, None), donate_argnums=0)
+        train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),
+                             out_shardings=(state_shardings, None, None), donate_argnums=0)
         eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sharding))
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -151,16 +164,29 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     # A log file (no terminal) gets a progress line every 30 s instead of every refresh.
     bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=config.stage,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    pending = None  # (step, metrics) of the last dispatched step, read one step late so the device stays busy
+    # (step, metrics) of the last dispatched step that must be read (it logs, evaluates or checkpoints); read one
+    # step late so that the device is busy with the next step meanwhile. Other steps' metrics are never read.
+    pending = None
     t_last, step_last = time.perf_counter(), start
     eval_result = None
+    skipped_seen = int(jax.device_get(state.nonfinite_total))  # at the last sync (read before any donation)
+    longest = jnp.zeros((), jnp.int32)  # device-side running max of nonfinite_in_a_row (resumes from 0)
 
-    def flush(pending):
-        nonlocal t_last, step_last
+    def syncs(step):
+        return (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0
+                or step == end or step == total)
+
+    def flush(pending) -> int:
+        """Reads the metrics of a synced step, logs them on log steps; returns the longest streak up to it."""
+        nonlocal t_last, step_last, skipped_seen
         step, m = pending
         m = jax.device_get(m)
-        if int(m.get("skipped", 0)):
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        streak, skipped = int(m.pop(_LONGEST_STREAK)), int(m.pop(_SKIPPED_TOTAL))
+        new_skips = skipped - skipped_seen
+        if new_skips > 0:
+            log.warning("step %d: %d update(s) with a non-finite loss or gradient skipped since the last check",
+                        step, new_skips)
+        skipped_seen = skipped
         if step % config.log_every == 0 or step == end:
             now = time.perf_counter()
             rate = (step - step_last) * stage.tokens_per_step / max(now - t_last, 1e-9)
@@ -174,41 +200,47 @@ def train(config, workdir: str, *, stop_after: int | None = None):
                 post["mfu"] = f"{100 * row['perf/mfu']:.1f}%"
             bar.set_postfix(post, refresh=False)
             t_last, step_last = now, step
+        return streak
+
+    def flush_and_check(pending, step, state):
+        """Flushes ``pending``; stops the run (checkpoint at ``step``, the last dispatched) on a long streak."""
+        if pending is None:
+            return
+        streak = flush(pending)
+        if streak >= config.max_consecutive_nonfinite:
+            save(step, state, force=True)
+            ckpt.close()
+            raise NonFiniteError(f"{streak} non-finite updates in a row by step {pending[0]} (limit "
+                                 f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}); checkpoint "
+                                 f"saved at step {step}, see metrics.jsonl")
 
     with _Signals() as signals:
         step = start
         while step < end:
             batch = sharding.global_batch(next(stage.data.train), mesh, rules)
             with mesh, nn.logical_axis_rules(list(rules)):
-                state, m = train_step(state, batch)
+                state, m, longest = train_step(state, batch, longest)
             step += 1
-            if pending is not None:
-                flush(pending)
-            pending = (step, m)
+            flush_and_check(pending, step, state)
+            pending = (step, m) if syncs(step) else None
             bar.update(1)
-            if int(jax.device_get(m["nonfinite_in_a_row"])) >= config.max_consecutive_nonfinite:
-                flush(pending)
-                save(step, state, force=True)
-                ckpt.close()
-                raise NonFiniteError(f"{config.max_consecutive_nonfinite} non-finite updates in a row at step "
-                                     f"{step} (config.max_consecutive_nonfinite); checkpoint saved, see metrics.jsonl")
             if step % config.eval_every == 0 or step == total:
-                flush(pending)
+                flush_and_check(pending, step, state)
                 pending = None
                 eval_result = evaluate(state, step)
                 bar.write(f"step {step}: " + ", ".join(f"eval/{k}={v:.4f}" for k, v in eval_result.items()))
             if step % config.checkpoint_every == 0 or step == end:
+                flush_and_check(pending, step, state)
+                pending = None
                 save(step, state, force=True)
             if signals.received:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
+                flush_and_check(pending, step, state)
+                pending = None
                 save(step, state, force=True)
                 bar.write(f"{signals.received} received: checkpoint saved at step {step}; rerun the same "
                           "command to resume")
                 break
-        if pending is not None:
-            flush(pending)
+        flush_and_check(pending, step, state)
     bar.close()
     ckpt.close()
     writer.close()

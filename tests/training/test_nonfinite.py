@@ -44,3 +44,41 @@ def test_gradient_accumulation_equals_one_big_batch():
     l1, _, g1 = accumulated_grad(loss_fn, w, batch, jax.random.PRNGKey(0), 1)
     l4, _, g4 = accumulated_grad(loss_fn, w, batch, jax.random.PRNGKey(0), 4)
     assert jnp.allclose(l1, l4, rtol=1e-6) and jnp.allclose(g1, g4, rtol=1e-5)
+
+
+def _poison_updates(monkeypatch, bad_steps):
+    """Makes the loss NaN on the updates whose state.step (updates done before it) is in ``bad_steps``."""
+    from chimera_jax import stages
+
+    real_build = stages.build
+
+    def build(config):
+        stage = real_build(config)
+        inner = stage.train_step
+
+        def train_step(state, batch, rng):
+            bad = jnp.isin(state.step, jnp.asarray(bad_steps, jnp.int32))
+            return inner(state, dict(batch, loss_mask=batch["loss_mask"] * jnp.where(bad, jnp.nan, 1.0)), rng)
+
+        stage.train_step = train_step
+        return stage
+
+    monkeypatch.setattr(stages, "build", build)
+
+
+@pytest.mark.parametrize("bad_steps,stops", [((1, 2), True), ((1, 4), False)])
+def test_streak_between_log_steps_is_still_caught(tmp_path, monkeypatch, bad_steps, stops):
+    """Host reads happen only every log_every = 4 steps; a streak of 2 on updates 2-3 has ended (the counter is back
+    at 0) by the log step 4, and must still stop the run. Two isolated skips must not."""
+    _poison_updates(monkeypatch, bad_steps)
+    c = micro_config(max_consecutive_nonfinite=2, log_every=4, eval_every=8, checkpoint_every=8)
+    if stops:
+        with pytest.raises(loop.NonFiniteError, match=r"2 non-finite updates in a row by step 4 .*"
+                                                      r"max_consecutive_nonfinite=2"):
+            loop.train(c, str(tmp_path))
+    else:
+        loop.train(c, str(tmp_path))
+    rows = {r["step"]: r for r in read_metrics(tmp_path) if "train/loss" in r}
+    assert rows[4]["train/nonfinite_in_a_row"] == 0 and rows[4]["train/skipped"] == 0
+    assert (8 in rows) != stops  # a stopped run logs no later step
+    assert not any(k.startswith("train/nonfinite_longest") for r in rows.values() for k in r)
