@@ -10,6 +10,13 @@ in every cell at the first learning rate, then at the others, then the remaining
 ``--budget_s`` cut (no run starts after it; runs already going finish, each within ``--timeout``) drops the least
 important runs. Writes ``mqar_sweep.{md,json,png}`` to --out after every run: the table of best accuracy per cell
 (with the learning rate that gave it), the gap of every arch to dense, the runs that failed or were not run.
+
+``--engine=inproc`` (what ``gpu_mqar.sh`` uses) trains the runs one after another inside the sweep's own process
+with the same config, stage, train_step and eval as ``chimera_jax.train`` but many steps per dispatch
+(``train_inproc``), stopping a run early once it reaches 99.5%; ``--shard=i/n`` splits the runs over n such
+processes sharing one accelerator, and ``--report_only --merge=a.json,b.json,...`` joins their tables. Tiny models
+on a GPU are bound by the host round trip per step, and a dozen processes time-slicing one GPU slowed every run to
+a crawl: the first full-grid call (12 ``train.py`` processes) finished only the smallest cells in 9 minutes.
 """
 from __future__ import annotations
 
@@ -142,12 +149,12 @@ def sweep(jobs, grid, root, *, parallel=1, timeout=1800, budget_s=0.0, on_row=No
 
 
 def report(rows, grid, grid_name, out, not_run=(), archs=ARCHS, wall_s=None):
-    best, tried = {}, collections.Counter()
+    best, tried = {}, collections.defaultdict(set)
     for r in rows:
         if r.get("accuracy") is None or "error" in r:
             continue
         key = (r["arch"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
-        tried[key] += 1
+        tried[key].add(r["lr"])  # (a cell run twice at one lr, e.g. in two merged calls, counts once)
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r
     cells = [(d, L, P) for d in grid["d_models"] for (L, P) in grid["settings"]]
@@ -164,7 +171,7 @@ def report(rows, grid, grid_name, out, not_run=(), archs=ARCHS, wall_s=None):
         for d, L, P in cells:
             key = (arch, d, L, P)
             r = best.get(key)
-            part = "" if tried[key] >= n_lr else f"; {tried[key]}/{n_lr} lr"
+            part = "" if len(tried[key]) >= n_lr else f"; {len(tried[key])}/{n_lr} lr"
             vals.append("not run" if r is None else f"{100 * r['accuracy']:.1f}% (lr {r['lr']:g}{part})")
         lines.append(f"| {arch} | " + " | ".join(vals) + " |")
     lines += ["", "Gap to dense (points):", ""]
@@ -182,9 +189,12 @@ def report(rows, grid, grid_name, out, not_run=(), archs=ARCHS, wall_s=None):
         lines += [f"- {r['name']}: " + ", ".join(f"{s}: {100 * a:.0f}" for s, a in r["curve"]) for r in dense]
     errors = [r for r in rows if "error" in r]
     if errors:
-        lines += ["", "Failed runs:", ""] + [f"- {r['name']}: {r['error'][-300:]!r}" for r in errors]
+        lines += ["", "Failed or cut runs (with the last eval they made, if any):", ""]
+        lines += [f"- {r['name']}: {r['error'][-300:]!r}"
+                  + (f"; at step {r['step']}: {100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else "")
+                  for r in errors]
     if not_run:
-        lines += ["", f"Not started (time budget spent; {len(not_run)} runs):", ""]
+        lines += ["", f"Not run (time budget spent, or absent from the merged files; {len(not_run)} runs):", ""]
         lines += [f"- {run_name(j, grid)}" for j in not_run]
     if wall_s is not None:
         lines += ["", f"Sweep wall time: {wall_s:.0f} s for {len(rows)} runs."]
@@ -245,8 +255,14 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=1, help="training runs at once (they share the accelerator)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run; a run past it is killed")
     p.add_argument("--budget_s", type=float, default=0, help="start no run after this many seconds (0: no limit)")
-    p.add_argument("--merge", default="", help="a previous call's mqar_sweep.json (same steps, batch and vocab): "
-                   "its runs join this table, e.g. dense and chimera from one device call, the rest from another")
+    p.add_argument("--engine", choices=("process", "inproc"), default="process",
+                   help="process: one `python -m chimera_jax.train` per run; inproc: the runs one after another in "
+                   "this process, many steps per dispatch (train_inproc), for accelerators")
+    p.add_argument("--shard", default="0/1", help="i/n: this process makes every n-th run from the i-th "
+                   "(inproc engine; several shards share one accelerator, then --merge their json files)")
+    p.add_argument("--report_only", action="store_true", help="train nothing: the table of the --merge runs")
+    p.add_argument("--merge", default="", help="previous calls' mqar_sweep.json files, comma-separated (same "
+                   "steps, batch and vocab): their runs join this table, e.g. dense and chimera from one device call, the rest from another")
     args = p.parse_args(argv)
     grid = dict(GRIDS[args.grid])
     for key in ("steps", "batch_size", "evals", "vocab_size"):
@@ -265,34 +281,119 @@ def main(argv=None):
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
     jobs = plan(grid, archs)
-    earlier = _load_merge(args.merge, grid) if args.merge else []
+    earlier = [r for path in args.merge.split(",") if path for r in _load_merge(path, grid)]
     done = {_key(r) for r in earlier}
     jobs = [j for j in jobs if _key(j) not in done]
     t0 = time.time()
-    print(f"{len(jobs)} runs, {args.parallel} at a time", flush=True)
 
     def on_row(row, rows):
         print(json.dumps({k: v for k, v in row.items() if k != "curve"})[:300], flush=True)
         report(earlier + rows, grid, args.grid, args.out, archs=shown, wall_s=time.time() - t0)  # after every run
 
     shown = [a for a in ARCHS if a in archs or any(r["arch"] == a for r in earlier)]
+    if args.report_only:
+        merged = {_key(r): r for path in args.merge.split(",") if path
+                  for r in _load_merge(path, grid, keep_failed=True)}  # a cell in several files: the last one
+        not_run = [j for j in plan(grid, archs) if _key(j) not in merged]
+        print(report(list(merged.values()), grid, args.grid, args.out, not_run=not_run, archs=shown))
+        return
+    print(f"{len(jobs)} runs, {args.parallel if args.engine == 'process' else 1} at a time", flush=True)
+    if args.engine == "inproc":
+        i, n = (int(x) for x in args.shard.split("/"))
+        rows, not_run = [], []
+        for job in jobs[i::n]:
+            if args.budget_s and time.time() - t0 > args.budget_s:
+                not_run.append(job)
+                continue
+            rows.append(train_inproc(job, grid, timeout=args.timeout))
+            on_row(rows[-1], rows)
+        print(report(earlier + rows, grid, args.grid, args.out, not_run=not_run, archs=shown,
+                     wall_s=time.time() - t0))
+        return
     rows, not_run = sweep(jobs, grid, args.workdirs, parallel=args.parallel, timeout=args.timeout,
                           budget_s=args.budget_s, on_row=on_row)
     print(report(earlier + rows, grid, args.grid, args.out, not_run=not_run, archs=shown, wall_s=time.time() - t0))
+
+
+def train_inproc(job, grid, *, timeout=1800.0, inner=100, stop_at=0.995):
+    """One run inside this process: the same config, stage, train_step and eval as ``chimera_jax.train``, but
+    ``inner`` optimizer steps per dispatch (a ``lax.scan`` over stacked batches) and no checkpoints or logs.
+
+    Why: the models are tiny, so a step is a few milliseconds of GPU work and the per-step host round trip of the
+    training loop (and, with several processes on one GPU, context switches between them) dominates. A run stops
+    early once eval accuracy reaches ``stop_at`` (its curve says where), or at ``timeout`` seconds with the evals it
+    made. Returns the row ``report`` reads, as the subprocess engine's ``Run`` does.
+    """
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    from chimera_jax import stages
+    from configs import mqar as mqar_config
+
+    t0 = time.time()
+    name = run_name(job, grid)
+    row = dict(name=name, **job)
+    variant = (f"arch={job['arch']},d_model={job['d_model']},seq_len={job['seq_len']},"
+               f"num_kv_pairs={job['num_kv_pairs']},lr={job['lr']},steps={grid['steps']},"
+               f"batch_size={grid['batch_size']},vocab_size={grid['vocab_size']},evals={grid.get('evals', 4)},"
+               f"read_threads=0")
+    try:
+        cfg = mqar_config.get_config(variant)
+        stage = stages.build(cfg)
+        inner = max(1, min(inner, cfg.eval_every))
+        state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)))(jax.random.PRNGKey(cfg.seed))
+        step_rng = jax.random.PRNGKey(cfg.seed + 1)
+
+        def many(state, batches, first_step):
+            def one(s, xs):
+                batch, i = xs
+                s, metrics = stage.train_step(s, batch, jax.random.fold_in(step_rng, first_step + i))
+                return s, metrics["loss"]
+            return jax.lax.scan(one, state, (batches, jnp_arange(inner)))
+
+        jnp_arange = jax.numpy.arange
+        many = jax.jit(many, donate_argnums=0)
+        evaluate = jax.jit(stage.eval_step)
+        curve, step = [], 0
+        while step < cfg.total_steps and time.time() - t0 < timeout:
+            batches = [next(stage.data.train) for _ in range(inner)]
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+            state, _ = many(state, stacked, step)
+            step += inner
+            if step // cfg.eval_every > (step - inner) // cfg.eval_every or step >= cfg.total_steps:
+                sums = None
+                for b in stage.data.eval_batches:
+                    out = evaluate(state, b)
+                    sums = out if sums is None else jax.tree.map(lambda a, c: a + c, sums, out)
+                ev = stage.summarize_eval({k: float(v) for k, v in jax.device_get(sums).items()})
+                curve.append((step, round(ev["accuracy"], 4)))
+                row.update(step=step, accuracy=ev["accuracy"], loss=ev["loss"])
+                if ev["accuracy"] >= stop_at:
+                    break
+        row["curve"] = curve
+        if step < cfg.total_steps and (not curve or curve[-1][1] < stop_at):
+            row["error"] = f"timeout after {timeout:.0f} s at step {step}"
+    except Exception as e:  # one failing run must not end the sweep
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
 
 
 def _key(r):
     return (r["arch"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"])
 
 
-def _load_merge(path, grid):
-    """The finished runs of an earlier call's json; refused when it trained with other steps, batch or vocab."""
+def _load_merge(path, grid, keep_failed=False):
+    """The finished runs of an earlier call's json (and its failed or cut ones with ``keep_failed``); refused when
+    it trained with other steps, batch or vocab."""
     with open(path) as f:
         saved = json.load(f)
     for k in ("steps", "batch_size", "vocab_size"):
         if saved["config"][k] != grid[k]:
             raise SystemExit(f"--merge={path}: its {k}={saved['config'][k]} differs from this sweep's {grid[k]}")
-    return [r for r in saved["runs"] if "error" not in r and r.get("accuracy") is not None]
+    return [r for r in saved["runs"] if keep_failed or ("error" not in r and r.get("accuracy") is not None)]
 
 
 if __name__ == "__main__":

@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# One device call: the kernel tests natively on the GPU, then both benchmarks; everything lands in $OUT.
-# Run from the repo root with the peers' wheels in .whl (carry .whl).
+# Device calls for the kernels (issue 4); everything lands in $OUT. Run from the repo root with the peers' wheels in
+# .whl (carry .whl). Parts, in the order given (default: all, about 12 minutes; split them over calls):
+#   tests    the kernel tests natively on the GPU (JAX_PLATFORMS=cuda)      -> kernel_tests_gpu.txt
+#   gdn      the gated delta rule op: ours (pallas, xla), jla, then fla      -> bench_gdn.{md,json}
+#   prepare  the fused chunk-prepare kernel against XLA's, alone and in the op -> bench_gdn_prepare.{md,json}
+#   ternary  the ternary matmul and the decode kernel's tunable sweep        -> bench_ternary.{md,json}
+# TESTS= picks test files (default all of tests/kernels), e.g. TESTS="tests/kernels/test_chunk_prepare.py".
 set -u
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null \
   && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/kernel_tests_gpu.txt 2>&1
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> $OUT/kernel_tests_gpu.txt 2>&1
-JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -p no:cacheprovider tests/kernels -q -rs 2>&1 | tail -40 >> $OUT/kernel_tests_gpu.txt
-tail -5 $OUT/kernel_tests_gpu.txt
-timeout 220 python3 experiments/bench_gdn.py jax /tmp/gdn_jax.json 2>&1 | grep -v Warning | tail -20
-timeout 150 python3 experiments/bench_gdn.py fla /tmp/gdn_fla.json 2>&1 | tail -6
-python3 experiments/bench_gdn.py report $OUT /tmp/gdn_jax.json /tmp/gdn_fla.json > /dev/null
-timeout 120 python3 experiments/bench_ternary.py $OUT 2>&1 | grep -v "^{" | tail -30
-cat $OUT/bench_gdn.md
+OUT=${OUT:-experiments/results}
+for part in ${*:-tests gdn prepare ternary}; do case $part in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/kernel_tests_gpu.txt 2>&1
+    python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> $OUT/kernel_tests_gpu.txt 2>&1
+    JAX_PLATFORMS=cuda timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider ${TESTS:-tests/kernels} \
+      -q -rs 2>&1 | tail -40 >> $OUT/kernel_tests_gpu.txt
+    tail -5 $OUT/kernel_tests_gpu.txt ;;
+  gdn)
+    timeout 220 python3 experiments/bench_gdn.py jax /tmp/gdn_jax.json 2>&1 | grep -v Warning | tail -20
+    timeout 150 python3 experiments/bench_gdn.py fla /tmp/gdn_fla.json 2>&1 | tail -6
+    python3 experiments/bench_gdn.py report $OUT /tmp/gdn_jax.json /tmp/gdn_fla.json > /dev/null
+    cat $OUT/bench_gdn.md ;;
+  prepare)
+    timeout ${PREPARE_TIMEOUT:-240} python3 experiments/bench_gdn_prepare.py --out $OUT ${PREPARE_ARGS:-} 2>&1 \
+      | grep -v Warning | tail -30 ;;
+  ternary)
+    timeout ${TERNARY_TIMEOUT:-300} python3 experiments/bench_ternary.py $OUT --budget-s ${TERNARY_BUDGET:-120} 2>&1 \
+      | grep -v "^{" | tail -40 ;;
+  *) echo "unknown part $part (tests | gdn | prepare | ternary)"; exit 2 ;;
+esac; done

@@ -85,3 +85,28 @@ def test_real_runs_in_parallel_then_skip_when_done_and_timeout_kills(tmp_path):
     job = dict(arch="dense", d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-2)
     rows, _ = ms.sweep([job], ms.TINY, work, timeout=1)
     assert rows[0]["error"].startswith("timeout") and rows[0]["seconds"] < 10
+
+
+def test_inproc_engine_shards_and_report_only_merge(tmp_path):
+    """The in-process engine trains the same config/stage as train.py; two shards split the runs; the
+    report-only merge joins their tables without training anything."""
+    outs = []
+    for i in range(2):
+        out = str(tmp_path / f"shard{i}")
+        ms.main(["--grid=tiny", "--archs=dense", "--settings=16x2", "--engine=inproc", f"--shard={i}/2",
+                 f"--out={out}"])
+        runs = json.load(open(os.path.join(out, "mqar_sweep.json")))["runs"]
+        assert len(runs) == 1 and "error" not in runs[0], runs
+        assert runs[0]["step"] == ms.TINY["steps"] and 0.0 <= runs[0]["accuracy"] <= 1.0
+        assert list(runs[0]["curve"][-1]) == [ms.TINY["steps"], round(runs[0]["accuracy"], 4)]
+        outs.append(os.path.join(out, "mqar_sweep.json"))
+    assert {json.load(open(p))["runs"][0]["lr"] for p in outs} == set(ms.TINY["lrs"])
+    merged = tmp_path / "merged"
+    ms.main(["--grid=tiny", "--archs=dense", "--settings=16x2", "--report_only", f"--merge={','.join(outs)}",
+             f"--out={merged}"])
+    saved = json.load(open(merged / "mqar_sweep.json"))
+    assert len(saved["runs"]) == 2 and saved["not_run"] == []
+    assert "2/2 lr" not in (merged / "mqar_sweep.md").read_text()  # both learning rates counted
+    # A run over its time limit reports what it reached and says so.
+    row = ms.train_inproc(dict(arch="dense", d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-3), ms.TINY, timeout=0)
+    assert row["error"].startswith("timeout") and "step 0" in row["error"]
