@@ -56,7 +56,8 @@ def test_sweep_keeps_parallel_slots_and_stops_at_the_budget(tmp_path):
     assert [r["lr"] for r in rows] == [1e-3, 2e-3] and [j["lr"] for j in not_run] == [3e-3, 4e-3, 5e-3]
     text = ms.report(rows, grid, "tiny", str(tmp_path), not_run=not_run, archs=("dense",), wall_s=1.0)
     assert "| dense | 20.0% (lr 0.002; 2/5 lr) |" in text
-    assert "Not started (time budget spent; 3 runs)" in text and ms.run_name(not_run[0], grid) in text
+    assert "Not run (time budget spent, or absent from the merged files; 3 runs)" in text
+    assert ms.run_name(not_run[0], grid) in text
     saved = json.load(open(tmp_path / "mqar_sweep.json"))
     assert len(saved["runs"]) == 2 and len(saved["not_run"]) == 3
     assert (tmp_path / "mqar_sweep.md").exists() and (tmp_path / "mqar_sweep.png").exists()
