@@ -62,6 +62,8 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     m.init_std = 0.02              # embedding init
     m.ternary = False              # BitNet b1.58 projections everywhere (layers/bitlinear.py)
     m.remat = "none"               # 'none' | 'dots' | 'full' (rematerialise each block in the backward pass)
+    m.loss_chunk = 0               # > 0: the loss takes the output head's logits this many positions at a time
+                                   # (rematerialised), never holding [b t vocab] float32 logits; 0: all at once
     m.loop = lm_model.loop_config()  # looped depth (prelude / core x loops / coda); core=0: off
     att = registry.default_block_config("attention")
     att.num_heads, att.num_kv_heads, att.head_dim = heads, kv_heads, head_dim

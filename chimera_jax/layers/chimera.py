@@ -133,8 +133,9 @@ def admit_reference(chosen, allow, starts, count0):
     return jnp.moveaxis(ok, 0, 1), jnp.moveaxis(cnt, 0, 1)
 
 
-def admit(chosen, allow, starts, count0):
-    """Same as ``admit_reference`` as one associative scan (O(log t) depth).
+def admit_associative(chosen, allow, starts, count0):
+    """Same as ``admit_reference`` as one associative scan (O(log t) depth); ``admit`` falls back to it for
+    sequences too long for its int32 offsets.
 
     Since the count never exceeds the (non-decreasing) allowance, one step is x -> min(x + a_t, u_t), and after a
     document start x -> min(a_t, u_t). Maps of the form x -> min((0 if r else x) + A, U) compose in closed form:
@@ -150,9 +151,47 @@ def admit(chosen, allow, starts, count0):
 
     A, U, R = jax.lax.associative_scan(compose, (a, allow.astype(jnp.int32), r), axis=1)
     cnt = jnp.minimum(jnp.where(R, 0, count0[:, None, :]) + A, U)  # [b t 4]
+    return _admitted(cnt, count0, r), cnt
+
+
+# admit's offsets reach t (t + 2) in int32; past this length it takes the associative scan.
+_ADMIT_CLOSED_FORM_MAX_T = 46_000
+
+
+def admit(chosen, allow, starts, count0):
+    """Same as ``admit_reference`` in closed form: a few cumulative sums and minima over t.
+
+    Why: the associative scan's log-depth tree of slices and selects was a large share of the training graph
+    (compile time, and one small kernel per level on GPU); cumsum / cummin are one op each.
+
+    Since the count never exceeds the (non-decreasing) allowance, one step is x_t = min(x_{t-1} + a_t, u_t), with
+    x = x0 before the document (count0 for the document the row continues, 0 for a document starting in the row).
+    With A_t the document's choices up to t, y_t = x_t - A_t obeys y_t = min(y_{t-1}, u_t - A_t), hence
+        x_t = A_t + x0 + min(0, min_{s in the document, s <= t} (u_s - A_s - x0)).
+    The in-document minimum is one cummin over the row after lowering each document's values by
+    (document index) * (t + 1): the terms w = u - A - x0 lie in [-t, 0] once clipped at 0 (the min with 0 is
+    taken anyway; w >= -t because x0 <= u, the same invariant as above), so an earlier document never wins.
+    """
+    t = chosen.shape[1]
+    if t > _ADMIT_CLOSED_FORM_MAX_T:
+        return admit_associative(chosen, allow, starts, count0)
+    a = (jax.nn.one_hot(chosen, 4, dtype=jnp.int32) > 0).astype(jnp.int32)    # [b t 4]
+    r = jnp.broadcast_to(starts[..., None], a.shape)
+    A = _segment_cumsum(a, starts)                                             # [b t 4]
+    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)[..., None]              # [b t 1] documents started so far
+    x0 = jnp.where(doc == 0, count0[:, None, :].astype(jnp.int32), 0)          # [b t 4]
+    w = jnp.clip(allow.astype(jnp.int32) - A - x0, -t, 0)
+    step = t + 1
+    low = jax.lax.cummin(w - doc * step, axis=1) + doc * step                  # in-document running minimum
+    cnt = A + x0 + low
+    return _admitted(cnt, count0, r), cnt
+
+
+def _admitted(cnt, count0, r):
+    """[b t 4] bool: the count rose at this token (its choice was admitted); r [b t 4] marks document starts."""
     prev = jnp.concatenate([count0[:, None, :].astype(jnp.int32), cnt[:, :-1]], axis=1)
     prev = jnp.where(r, 0, prev)
-    return (cnt > prev), cnt
+    return cnt > prev
 
 
 def route_modes(chosen, allow, starts, count0, overflow_mode: int, *, impl: str = "scan"):
@@ -160,7 +199,8 @@ def route_modes(chosen, allow, starts, count0, overflow_mode: int, *, impl: str 
     [b 4], overflowed [b t] bool). Overflowing tokens go to ``overflow_mode`` (never capped)."""
     fn = admit if impl == "scan" else admit_reference
     ok, cnt = fn(chosen, allow, starts, count0)
-    admitted = jnp.take_along_axis(ok, chosen[..., None], axis=-1)[..., 0]  # [b t]
+    chosen_1h = jax.nn.one_hot(chosen, 4, dtype=jnp.int32) > 0                 # [b t 4]
+    admitted = jnp.any(ok & chosen_1h, axis=-1)                                # [b t] (a select, not a gather)
     mode = jnp.where(admitted, chosen, overflow_mode).astype(jnp.int32)
     # Overflow tokens are counted in their fallback mode (uncapped, so this changes no admission above).
     extra = ((~admitted)[..., None] & (jnp.arange(4) == overflow_mode)).astype(jnp.int32)
@@ -170,13 +210,11 @@ def route_modes(chosen, allow, starts, count0, overflow_mode: int, *, impl: str 
 
 
 def _segment_cumsum(x, starts):
-    """Inclusive cumsum over axis 1 of [b t ...] restarting at starts [b t]."""
+    """Inclusive cumsum over axis 1 of non-negative int [b t ...] restarting at starts [b t]: the row's cumsum
+    less its value just before the latest start (a cummax, since that cumsum never decreases)."""
     r = jnp.broadcast_to(starts.reshape(starts.shape + (1,) * (x.ndim - 2)), x.shape)
-
-    def compose(e1, e2):
-        return jnp.where(e2[1], e2[0], e1[0] + e2[0]), e1[1] | e2[1]
-
-    return jax.lax.associative_scan(compose, (x, r), axis=1)[0]
+    c = jnp.cumsum(x, axis=1)
+    return c - jax.lax.cummax(jnp.where(r, c - x, 0), axis=1)
 
 
 def update_bias(bias: jax.Array, load: jax.Array, target: jax.Array, rate: float) -> jax.Array:
@@ -412,7 +450,10 @@ class Chimera(nn.Module):
         mode, before, count, overflow = route_modes(chosen, allowance(positions, units), starts, count0,
                                                     c.overflow_mode)
         mode = jnp.where(valid, mode, IDENTITY)
-        gate = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), mode[..., None], axis=-1)  # [b t 1]
+        # The chosen gate value as a select and a sum of one non-zero term (exact; a gather and its scatter-add
+        # gradient cost more ops).
+        gate = jnp.sum(jnp.where(jax.nn.one_hot(mode, 4, dtype=jnp.int32) > 0, jax.nn.softmax(logits, axis=-1), 0),
+                       axis=-1, keepdims=True)  # [b t 1]
 
         # m0: the SSM consumes every token.
         y_ssm, ssm_cache = mamba2.Mamba2(cfg, name="ssm")(x, segment_ids=segment_ids,

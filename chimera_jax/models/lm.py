@@ -81,8 +81,12 @@ class LM(nn.Module):
                      for i, _ in self._schedule(iterations))
 
     @nn.compact
-    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, decode=False, loop_counts=None):
+    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, decode=False, loop_counts=None,
+                 return_hidden=False):
         """tokens [b t] int32 -> (logits [b t v] float32, cache or None).
+
+        return_hidden: return the final-normed hidden states [b t d] in place of the logits, for a loss that
+        applies the output head itself a chunk at a time (``head_logits``; the stage's ``model.loss_chunk``).
 
         loop_counts [b] int32: per-sequence number of core loops (training samples them, see
         ``sample_loop_counts``); None runs ``model.loop.inference_loops`` for every sequence.
@@ -131,6 +135,8 @@ class LM(nn.Module):
             new_cache.append(layer_cache)
 
         x = common.rms_norm(cfg, name="final_norm")(x)
+        if return_hidden and not self.is_initializing():
+            return x, (None if cache is None else tuple(new_cache))
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
         else:
@@ -156,3 +162,22 @@ def sample_loop_counts(cfg, rng, batch: int):
     if loop is None or not loop.core:
         return None
     return jax.random.randint(rng, (batch,), loop.min_loops, loop.max_loops + 1, dtype=jnp.int32)
+
+
+def head_logits(cfg, params, x: jax.Array) -> jax.Array:
+    """The output head of ``LM`` applied outside it: x [.. d] (final-normed) -> logits [.. v] float32.
+
+    ``params`` are the LM's (unboxed) parameters. Computes exactly what ``LM.__call__`` does after its final norm
+    (tied: the embedding table with float32 accumulation; untied: ``lm_head`` in ``cfg.dtype``, ternary when the
+    model is), so that a loss can take the logits of one chunk of positions at a time.
+    """
+    dtype = common.dtype_of(cfg.dtype)
+    if cfg.tie_embeddings:
+        table = nn.meta.unbox(params["embedding"])  # [v d]
+        return jnp.einsum("...d,vd->...v", x, table.astype(dtype), preferred_element_type=jnp.float32)
+    w = nn.meta.unbox(params["lm_head"]["kernel"])  # [d v]
+    if cfg.get("ternary", False):
+        from chimera_jax.layers import bitlinear
+
+        x, w = bitlinear.quantize_for_training(x, w)
+    return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=((x.ndim - 1,), (0,))).astype(jnp.float32)

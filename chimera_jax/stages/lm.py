@@ -12,7 +12,7 @@ import numpy as np
 
 from chimera_jax.data import lm_pipeline
 from chimera_jax.layers import registry
-from chimera_jax.models.lm import LM, sample_loop_counts
+from chimera_jax.models.lm import LM, head_logits, sample_loop_counts
 from chimera_jax.stages.base import Stage
 from chimera_jax.training import optimizer as opt_lib
 from chimera_jax.training.train_state import TrainState, accumulated_grad
@@ -28,6 +28,36 @@ def cross_entropy(logits, targets, mask):
     nll = (logz - target_logit) * mask
     correct = (jnp.argmax(logits, axis=-1) == targets) * mask
     return nll.sum(), correct.sum()
+
+
+def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
+    """``cross_entropy`` of ``head(hidden)`` computed ``chunk`` positions at a time, each chunk rematerialised.
+
+    head: x [b c d] -> logits [b c v] float32. hidden [b t d], targets / mask [b t].
+    Why: with a large vocabulary the [b t v] float32 logits, their softmax and their gradient are the largest
+    arrays of a training step (8 x 2048 x 128256 x 4 bytes = 8.4 GB each); here only one chunk's logits exist at a
+    time, in the forward and again in the backward, at the price of computing the head's product twice.
+    """
+    b, t, d = hidden.shape
+    pad = (-t) % chunk
+    if pad:  # padded positions carry mask 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+
+    @jax.checkpoint
+    def one(xc, tc, mc):
+        return cross_entropy(head(xc), tc, mc)
+
+    def body(acc, xs):
+        nll, correct = one(*xs)
+        return (acc[0] + nll, acc[1] + correct), None
+
+    xs = (hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1),
+          mask.reshape(b, n, chunk).swapaxes(0, 1))
+    zero = jnp.zeros((), jnp.float32)
+    (nll, correct), _ = jax.lax.scan(body, (zero, zero), xs)
+    return nll, correct
 
 
 def model_flops_per_token(model_cfg, params, seq_len: int) -> float:
@@ -54,6 +84,9 @@ class LMStage(Stage):
         super().__init__(config)
         self.model_cfg = ml_collections.FrozenConfigDict(config.model)
         self.model = LM(self.model_cfg)
+        self.loss_chunk = int(self.model_cfg.get("loss_chunk", 0))
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0 (0: whole-sequence logits), got {self.loss_chunk}")
         registry.parse_pattern(self.model_cfg.pattern, self.model_cfg.num_layers)  # fail early on a bad pattern
         self.data = lm_pipeline.build(config.data, seed=config.seed, vocab_size=config.model.vocab_size)
         self.tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
@@ -91,16 +124,23 @@ class LMStage(Stage):
         out, updates = self.model.apply(variables, batch["inputs"],
                                         segment_ids=batch["segment_ids"] if packed else None,
                                         positions=batch["positions"] if packed else None, mutable=mutable,
-                                        loop_counts=loop_counts)
+                                        loop_counts=loop_counts, return_hidden=bool(self.loss_chunk))
         return out[0], updates
+
+    def _loss_sums(self, params, out, batch):
+        """(nll_sum, correct_sum) from the model's output: logits, or hidden states with ``model.loss_chunk``."""
+        if self.loss_chunk:
+            head = lambda x: head_logits(self.model_cfg, params, x)  # noqa: E731
+            return chunked_cross_entropy(head, out, batch["targets"], batch["loss_mask"], self.loss_chunk)
+        return cross_entropy(out, batch["targets"], batch["loss_mask"])
 
     def train_step(self, state: TrainState, batch, rng):
         # Collections a forward pass may write: the non-parameter state, sown metrics, and MoE expert loads.
         mutable = list(state.model_state.keys()) + ["metrics", "intermediates"]
 
         def loss_fn(params, mb, mb_rng):
-            logits, updates = self._forward(params, state.model_state, mb, mutable, rng=mb_rng)
-            nll, correct = cross_entropy(logits, mb["targets"], mb["loss_mask"])
+            out, updates = self._forward(params, state.model_state, mb, mutable, rng=mb_rng)
+            nll, correct = self._loss_sums(params, out, mb)
             n = jnp.maximum(mb["loss_mask"].sum(), 1.0)
             loss = nll / n
             extra = jax.tree.map(jnp.mean, dict(updates.get("metrics", {})))
@@ -127,8 +167,8 @@ class LMStage(Stage):
         return state, metrics
 
     def eval_step(self, state: TrainState, batch):
-        logits, _ = self._forward(state.params, state.model_state, batch, mutable=["metrics"])
-        nll, correct = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        out, _ = self._forward(state.params, state.model_state, batch, mutable=["metrics"])
+        nll, correct = self._loss_sums(state.params, out, batch)
         nbytes = (self.token_bytes[batch["targets"]] * batch["loss_mask"]).sum()
         return dict(nll=nll, correct=correct, tokens=batch["loss_mask"].sum(), bytes=nbytes)
 
