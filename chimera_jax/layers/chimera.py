@@ -178,7 +178,7 @@ def admit(chosen, allow, starts, count0):
     a = (jax.nn.one_hot(chosen, 4, dtype=jnp.int32) > 0).astype(jnp.int32)    # [b t 4]
     r = jnp.broadcast_to(starts[..., None], a.shape)
     A = _segment_cumsum(a, starts)                                             # [b t 4]
-    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)[..., None]              # [b t 1] documents started so far
+    doc = jnp.cumsum(starts, axis=1, dtype=jnp.int32)[..., None]               # [b t 1] documents started so far
     x0 = jnp.where(doc == 0, count0[:, None, :].astype(jnp.int32), 0)          # [b t 4]
     w = jnp.clip(allow.astype(jnp.int32) - A - x0, -t, 0)
     step = t + 1
@@ -213,7 +213,7 @@ def _segment_cumsum(x, starts):
     """Inclusive cumsum over axis 1 of non-negative int [b t ...] restarting at starts [b t]: the row's cumsum
     less its value just before the latest start (a cummax, since that cumsum never decreases)."""
     r = jnp.broadcast_to(starts.reshape(starts.shape + (1,) * (x.ndim - 2)), x.shape)
-    c = jnp.cumsum(x, axis=1)
+    c = jnp.cumsum(x, axis=1, dtype=x.dtype)
     return c - jax.lax.cummax(jnp.where(r, c - x, 0), axis=1)
 
 
@@ -311,6 +311,15 @@ def read_lengths(capacity: int, block: int) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------- modules
 
+def rope(cfg, q, k, positions):
+    """RoPE of both attention modes (they share model.attention), or nothing for position 'none'."""
+    a = cfg.attention
+    if a.position != "rope":
+        return q, k
+    inv_freq = pos_lib.rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling_factor)
+    return pos_lib.apply_rope(q, positions, inv_freq), pos_lib.apply_rope(k, positions, inv_freq)
+
+
 class _ModeAttention(nn.Module):
     """Q/K/V/O projections and RoPE of one attention mode (m1 and m2 keep their own weights). Defined in setup so
     that the parent can call ``qkv`` and ``out`` separately (one attention call serves both modes in training,
@@ -327,13 +336,13 @@ class _ModeAttention(nn.Module):
         self.o_proj = common.dense(cfg, cfg.d_model, ("heads", "embed"))
 
     def qkv(self, x, positions):
-        a = self.cfg.attention
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b t h k] [b t g k] [b t g k]
-        if a.position == "rope":
-            inv_freq = pos_lib.rope_frequencies(a.head_dim, a.rope_theta, a.rope_scaling_factor)
-            q = pos_lib.apply_rope(q, positions, inv_freq)
-            k = pos_lib.apply_rope(k, positions, inv_freq)
+        q, k, v = self.projections(x)
+        q, k = rope(self.cfg, q, k, positions)
         return q, k, v
+
+    def projections(self, x):
+        """Q, K, V before RoPE: [b t h k] [b t g k] [b t g k]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def out(self, o):
         b, t, h, hd = o.shape
@@ -506,10 +515,12 @@ class Chimera(nn.Module):
         tokens, and likewise for m2, so the combined call equals the two separate masked calls on every token
         whose output is used, at half their cost and with no [b h t t] tensor held."""
         b, t, _ = x.shape
-        qw, kw, vw = win_attn.qkv(x, positions)
-        qf, kf, vf = full_attn.qkv(x, positions)
+        qw, kw, vw = win_attn.projections(x)
+        qf, kf, vf = full_attn.projections(x)
         is_win = (mode == WINDOW)[..., None, None]
         q, k, v = (jnp.where(is_win, a_w, a_f) for a_w, a_f in ((qw, qf), (kw, kf), (vw, vf)))
+        # RoPE acts on each token alone, so rotating the selected Q/K once equals selecting the rotated ones.
+        q, k = rope(self.cfg, q, k, positions)
         idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         aux = (mode, positions, idx, seg)

@@ -134,8 +134,8 @@ def test_identity_leaves_residual_unchanged():
 
 
 def test_admit_scan_equals_reference():
-    """The associative-scan capacity counter equals the token-by-token scan, with document resets and a
-    non-empty starting count."""
+    """The fast capacity counters (closed form and associative scan) equal the token-by-token scan, with
+    document resets and a non-empty starting count."""
     rng = np.random.default_rng(0)
     b, t = 3, 40
     chosen = jnp.asarray(rng.integers(0, 4, (b, t)), jnp.int32)
@@ -153,11 +153,40 @@ def test_admit_scan_equals_reference():
     allow = chimera.allowance(jnp.asarray(pos), units)
     count0 = jnp.asarray([[0, 0, 0, 0], [3, 6, 2, 9], [0, 0, 0, 0]], jnp.int32)
     ok_ref, cnt_ref = jax.jit(chimera.admit_reference)(chosen, allow, jnp.asarray(starts), count0)
-    ok, cnt = jax.jit(chimera.admit)(chosen, allow, jnp.asarray(starts), count0)
-    np.testing.assert_array_equal(ok, ok_ref)
-    np.testing.assert_array_equal(cnt, cnt_ref)
+    for fast in (chimera.admit, chimera.admit_associative):
+        ok, cnt = jax.jit(fast)(chosen, allow, jnp.asarray(starts), count0)
+        np.testing.assert_array_equal(ok, ok_ref)
+        np.testing.assert_array_equal(cnt, cnt_ref)
     assert (~np.asarray(ok_ref)).any() and np.asarray(ok_ref).any()
     assert (np.asarray(cnt) <= np.asarray(allow)).all()
+
+
+def test_admit_closed_form_on_random_documents():
+    """The closed form (cumsum / cummin) and the associative scan equal the token-by-token counter on random
+    lengths, capacities, document starts and starting counts (each within its allowance, as a cache holds)."""
+    rng = np.random.default_rng(1)
+    admit, assoc, ref = (jax.jit(f) for f in (chimera.admit, chimera.admit_associative, chimera.admit_reference))
+    for _ in range(12):
+        b, t = 3, int(rng.integers(1, 50))
+        chosen = jnp.asarray(rng.integers(0, 4, (b, t)), jnp.int32)
+        starts = rng.random((b, t)) < rng.choice([0.0, 0.05, 0.3])
+        units = jnp.asarray(rng.integers(1, chimera.CAPACITY_UNIT + 1, 4), jnp.int32)
+        pos, count0 = np.zeros((b, t), np.int32), np.zeros((b, 4), np.int32)
+        for r in range(b):
+            p0 = 0 if starts[r, 0] else int(rng.integers(0, 30))  # a row may continue a cached document
+            if p0:
+                count0[r] = [rng.integers(0, a + 1) for a in np.asarray(chimera.allowance(jnp.asarray([[p0 - 1]]),
+                                                                                          units))[0, 0]]
+            p = p0
+            for i in range(t):
+                p = 0 if starts[r, i] else (p + 1 if i else p)
+                pos[r, i] = p
+        args = (chosen, chimera.allowance(jnp.asarray(pos), units), jnp.asarray(starts), jnp.asarray(count0))
+        ok_ref, cnt_ref = ref(*args)
+        for fast in (admit, assoc):
+            ok, cnt = fast(*args)
+            np.testing.assert_array_equal(ok, ok_ref)
+            np.testing.assert_array_equal(cnt, cnt_ref)
 
 
 def test_capacity_overflow_is_deterministic():
