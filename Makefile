@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m chimera_jax.generate --workdir=$(DEMO_DIR) --prompt="ROMEO:" --max_new_tokens=300 --temperature=0.8 --top_k=40 --stop_at_eos=false
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

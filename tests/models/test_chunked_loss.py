@@ -20,7 +20,9 @@ def _one_step(chunk, tie, ternary):
     return sums, metrics, new_state.params
 
 
-@pytest.mark.parametrize("tie,ternary", [(True, False), (False, False), (False, True)])
+# The untied ternary head runs the untied float head's code plus the quantisation; the float untied case adds
+# no path of its own and a training step each costs ~20 s on CI's CPU.
+@pytest.mark.parametrize("tie,ternary", [(True, False), (False, True)])
 def test_chunked_loss_and_update_equal_the_whole_sequence_ones(tie, ternary):
     with jax.enable_x64(True):
         full_sums, full_metrics, full_params = _one_step(0, tie, ternary)
