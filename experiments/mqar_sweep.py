@@ -351,9 +351,8 @@ def train_inproc(job, grid, *, timeout=1800.0, inner=100, stop_at=0.995):
                 batch, i = xs
                 s, metrics = stage.train_step(s, batch, jax.random.fold_in(step_rng, first_step + i))
                 return s, metrics["loss"]
-            return jax.lax.scan(one, state, (batches, jnp_arange(inner)))
+            return jax.lax.scan(one, state, (batches, jax.numpy.arange(inner)))
 
-        jnp_arange = jax.numpy.arange
         many = jax.jit(many, donate_argnums=0)
         evaluate = jax.jit(stage.eval_step)
         curve, step = [], 0
