@@ -32,6 +32,26 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("dense", "chimera", "mamba2", "gdn", "sliding")
 KEY_ARCHS = ("dense", "chimera")  # the comparison the sweep exists for: these run first
+# Named variants of an arch (``--variant=NAME=ARCH:key=value:...``, keys of configs/mqar.py): NAME -> (ARCH, extra
+# config variant string); their rows sit in the table under NAME, e.g. CHIMERA with a slower balancer.
+VARIANTS: dict[str, tuple[str, str]] = {}
+
+
+def config_variant(job, grid) -> str:
+    """The ``configs/mqar.py`` variant string of one run (a named variant expands to its arch and extra keys)."""
+    arch, extra = VARIANTS.get(job["arch"], (job["arch"], ""))
+    fields = dict(job, arch=arch)
+    fields.update((k, grid[k]) for k in ("steps", "batch_size", "vocab_size", "evals") if k in grid)
+    return ",".join(f"{k}={v}" for k, v in fields.items()) + (f",{extra}" if extra else "")
+
+
+def parse_variant(spec: str) -> tuple[str, str, str]:
+    """'NAME=ARCH:key=value:key=value' -> (NAME, ARCH, 'key=value,key=value')."""
+    name, sep, rest = spec.partition("=")
+    arch, *pairs = rest.split(":")
+    if not sep or not name or arch not in ARCHS or any("=" not in kv for kv in pairs):
+        raise ValueError(f"--variant={spec!r}: expected NAME=ARCH:key=value:... with ARCH one of {list(ARCHS)}")
+    return name, arch, ",".join(pairs)
 # lrs are in order of preference (the first is the one most likely best); runs at later ones start later.
 FULL = dict(d_models=(64, 128, 256), settings=((64, 4), (128, 8), (256, 16), (512, 64)),
             lrs=(3e-3, 1e-3), steps=6000, batch_size=64, vocab_size=8192)
@@ -72,8 +92,7 @@ class Run:
         if _evals(self.metrics, grid["steps"]):
             return  # finished before: only read back
         os.makedirs(self.workdir, exist_ok=True)
-        variant = ",".join(f"{k}={v}" for k, v in job.items()) + "".join(
-            f",{k}={grid[k]}" for k in ("steps", "batch_size", "vocab_size", "evals") if k in grid)
+        variant = config_variant(job, grid)
         self.log = open(os.path.join(self.workdir, "train.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chimera_jax.train", f"--config=configs/mqar.py:{variant}",
@@ -245,6 +264,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
     p.add_argument("--workdirs", default=os.path.join(REPO, "workdirs", "mqar_sweep"))
     p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=ARCH:key=value:... a named arch variant (keys of configs/mqar.py), usable in --archs; "
+                   "e.g. --variant=chimera_r1e-3=chimera:router_rate=0.001 --archs=chimera_r1e-3")
     p.add_argument("--d_models", default="", help="comma-separated subset of the grid's widths")
     p.add_argument("--settings", default="", help="comma-separated LxP subset of the grid's, e.g. 64x4,512x64")
     p.add_argument("--lrs", default="", help="comma-separated learning rates in place of the grid's")
@@ -274,10 +296,19 @@ def main(argv=None):
         grid["d_models"] = tuple(int(x) for x in args.d_models.split(","))
     if args.settings:
         grid["settings"] = tuple(tuple(int(n) for n in x.split("x")) for x in args.settings.split(","))
+    for spec in args.variant:
+        try:
+            name, arch, extra = parse_variant(spec)
+        except ValueError as e:
+            p.error(str(e))
+        VARIANTS[name] = (arch, extra)
     archs = [a for a in args.archs.split(",") if a]
-    bad = sorted(set(archs) - set(ARCHS))
+    # Rows of earlier calls may carry variant names this call does not define (their table rows are kept).
+    merged_archs = {r["arch"] for path in args.merge.split(",") if path
+                    for r in _load_merge(path, grid, keep_failed=True)}
+    bad = sorted(set(archs) - set(ARCHS) - set(VARIANTS) - merged_archs)
     if bad:
-        p.error(f"--archs: unknown {bad}; choose from {list(ARCHS)}")
+        p.error(f"--archs: unknown {bad}; choose from {list(ARCHS) + list(VARIANTS)}")
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
     jobs = plan(grid, archs)
@@ -290,10 +321,16 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in row.items() if k != "curve"})[:300], flush=True)
         report(earlier + rows, grid, args.grid, args.out, archs=shown, wall_s=time.time() - t0)  # after every run
 
-    shown = [a for a in ARCHS if a in archs or any(r["arch"] == a for r in earlier)]
+    known = list(ARCHS) + sorted({r["arch"] for r in earlier if r["arch"] not in ARCHS} | set(VARIANTS))
+    shown = [a for a in known if a in archs or any(r["arch"] == a for r in earlier)]
     if args.report_only:
-        merged = {_key(r): r for path in args.merge.split(",") if path
-                  for r in _load_merge(path, grid, keep_failed=True)}  # a cell in several files: the last one
+        merged = {}
+        for path in (p for p in args.merge.split(",") if p):
+            for r in _load_merge(path, grid, keep_failed=True):
+                old = merged.get(_key(r))
+                # A cell in several files: a finished run beats a failed or cut one, else the later file wins.
+                if old is None or "error" not in r or "error" in old:
+                    merged[_key(r)] = r
         not_run = [j for j in plan(grid, archs) if _key(j) not in merged]
         print(report(list(merged.values()), grid, args.grid, args.out, not_run=not_run, archs=shown))
         return
@@ -335,10 +372,7 @@ def train_inproc(job, grid, *, timeout=1800.0, inner=100, stop_at=0.995):
     t0 = time.time()
     name = run_name(job, grid)
     row = dict(name=name, **job)
-    variant = (f"arch={job['arch']},d_model={job['d_model']},seq_len={job['seq_len']},"
-               f"num_kv_pairs={job['num_kv_pairs']},lr={job['lr']},steps={grid['steps']},"
-               f"batch_size={grid['batch_size']},vocab_size={grid['vocab_size']},evals={grid.get('evals', 4)},"
-               f"read_threads=0")
+    variant = config_variant(job, dict(grid, evals=grid.get("evals", 4))) + ",read_threads=0"
     try:
         cfg = mqar_config.get_config(variant)
         stage = stages.build(cfg)

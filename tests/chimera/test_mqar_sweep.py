@@ -111,3 +111,39 @@ def test_inproc_engine_shards_and_report_only_merge(tmp_path):
     # A run over its time limit reports what it reached and says so.
     row = ms.train_inproc(dict(arch="dense", d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-3), ms.TINY, timeout=0)
     assert row["error"].startswith("timeout") and "step 0" in row["error"]
+
+
+def test_named_variant_reaches_the_config_and_merge_prefers_finished_runs(tmp_path):
+    """--variant=NAME=ARCH:key=value builds ARCH's config with the extra keys, under its own row name; in a
+    report-only merge a finished run of a cell beats a failed one whatever the file order."""
+    from configs import mqar as mqar_config
+
+    name, arch, extra = ms.parse_variant("chimera_slow=chimera:router_rate=0.0005:window=8")
+    assert (name, arch, extra) == ("chimera_slow", "chimera", "router_rate=0.0005,window=8")
+    with pytest.raises(ValueError, match="ARCH one of"):
+        ms.parse_variant("x=nope:router_rate=1")
+    ms.VARIANTS[name] = (arch, extra)
+    try:
+        job = dict(arch=name, d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-3)
+        cfg = mqar_config.get_config(ms.config_variant(job, ms.TINY))
+        assert cfg.model.chimera.bias_update_rate == 0.0005 and cfg.model.chimera.window == 8
+        assert ms.run_name(job, ms.TINY).startswith("chimera_slow_d16")
+    finally:
+        ms.VARIANTS.pop(name)
+    default = mqar_config.get_config("arch=chimera")
+    assert default.model.chimera.bias_update_rate == 0.001  # router_rate=0 keeps the layer's default
+
+    grid = dict(ms.TINY)
+    row = dict(arch="dense", d_model=16, seq_len=16, num_kv_pairs=2, lr=1e-3, name="r", step=2, accuracy=0.5,
+               curve=[[2, 0.5]])
+    config = {k: grid[k] for k in ("steps", "batch_size", "vocab_size")}
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(dict(grid=grid, config=config, runs=[row], not_run=[], wall_s=1)))
+    failed = dict(row, accuracy=0.1, error="timeout after 1 s at step 1")
+    bad.write_text(json.dumps(dict(grid=grid, config=config, runs=[failed], not_run=[], wall_s=1)))
+    for order in ((good, bad), (bad, good)):
+        out = tmp_path / f"m{order[0].stem}"
+        ms.main(["--grid=tiny", "--archs=dense", "--settings=16x2", "--lrs=1e-3", "--report_only",
+                 f"--merge={order[0]},{order[1]}", f"--out={out}"])
+        runs = json.load(open(out / "mqar_sweep.json"))["runs"]
+        assert [r.get("error") for r in runs] == [None] and runs[0]["accuracy"] == 0.5
