@@ -221,6 +221,31 @@ def default_tunables(m: int, k: int, n: int, split_k: int = 1, mode: str = "dot"
                 mode=mode, prefetch=default_prefetch(mode, m))
 
 
+def decode_tunables(k: int, n: int) -> dict:
+    """Tunables for one row (batch-1 decode), from the H100 sweep in experiments/results/bench_ternary.md, where the
+    best at each of its three shapes was the fma mode with 2 groups per step, register prefetch 2, 3 stages and 4
+    warps: 27.6 / 45.7 / 44.1 us at 4096^2 / 8192^2 / 4096 x 14336 against 33.1 / 65.5 / 59.0 for the general
+    kernel. Its best block_n and split_k follow one rule: 64-column blocks where that still gives >= 128 programs
+    (else 32), and the k range split in two where fewer than 192 programs would run (the split's atomics cost less
+    than an idle half of the GPU)."""
+    block_n = 64 if n % 64 == 0 and n // 64 >= 128 else 32
+    groups = k // GROUP
+    split_k = 2 if n // block_n < 192 and groups % 4 == 0 else 1
+    return dict(mode="fma", block_n=block_n, split_k=split_k, groups_per_step=2, prefetch=2, num_stages=3,
+                num_warps=4)
+
+
+def decode_supported(m: int, k: int, n: int) -> str | None:
+    """Why ``decode_tunables`` does not apply to [m k] @ [k n] (None: it does)."""
+    if m != 1:
+        return f"m={m} (the decode kernel is dispatched for one row only: the sweep measured no gain at 16 and 64)"
+    if k % (2 * GROUP):
+        return f"k={k} is not a multiple of {2 * GROUP}"
+    if n % 32:
+        return f"n={n} is not a multiple of 32"
+    return None
+
+
 def default_prefetch(mode: str, m: int) -> int:
     """Register prefetch serves the CUDA-core mode (two steps ahead for one row; one for more, whose unrolled
     steps already fill the registers); the dot mode's loads are pipelined through shared memory by Triton."""
