@@ -5,7 +5,8 @@ arch: dense (attention) | mamba2 | gdn (Gated DeltaNet) | sliding (sliding-windo
 Other variants: vocab_size (8192 as in Zoology), lr (peak learning rate), steps, batch_size, evals (evaluations
 over the run, the last at its end), window (W of the sliding-window layers and of CHIMERA's window mode), power_a,
 random_non_queries, tie (output head = the embedding table), init_std (of the embedding table), router_rate
-(CHIMERA's balancing-bias step gamma; 0 keeps the layer's default), read_threads and prefetch_batches (host threads
+(CHIMERA's balancing-bias step gamma; 0 keeps the layer's default), mix (CHIMERA's target mode mix and capacities,
+a name of ``chimera.MIXES``: balanced, the default, or cheap), read_threads and prefetch_batches (host threads
 drawing batches ahead, and how many: many runs share one machine's cores, so one thread a few batches ahead; 0
 threads draws on the training thread).
 The eval accuracy (``eval/accuracy``) is the recall accuracy over the query positions of held-out rows.
@@ -27,6 +28,7 @@ import ml_collections
 
 from chimera_jax import config_lib
 from chimera_jax.data import synthetic_recall
+from chimera_jax.layers import chimera
 from configs import lm as lm_configs
 
 # MQAR arch -> the language-model arch it is built from.
@@ -37,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     v = config_lib.parse_variant(arg, dict(arch="dense", d_model=64, seq_len=64, num_kv_pairs=4, vocab_size=8192,
                                            lr=3e-3, steps=6000, batch_size=64, evals=4, window=32,
                                            power_a=0.01, random_non_queries=False, tie=True, init_std=0.1,
-                                           router_rate=0.0,
+                                           router_rate=0.0, mix="balanced",
                                            read_threads=synthetic_recall.READ_THREADS,
                                            prefetch_batches=synthetic_recall.PREFETCH_BATCHES))
     config_lib.check_choice("arch", v["arch"], ARCHS)
@@ -66,6 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.chimera.window = int(v["window"])
         if float(v["router_rate"]) > 0:
             m.chimera.bias_update_rate = float(v["router_rate"])
+        config_lib.check_choice("mix", v["mix"], chimera.MIXES)
+        m.chimera.target_mix, m.chimera.capacity_factor = chimera.MIXES[v["mix"]]
 
     c.total_steps = int(v["steps"])
     c.log_every = 50

@@ -31,13 +31,15 @@ if [ "${1:-}" = probe ]; then
 fi
 if [ "${1:-}" = inproc ]; then
   # N shards of the in-process engine share the GPU (~N x 9 GiB at the largest cell), each starting no run after
-  # BUDGET seconds; then one table from all shards (and from --merge files given as MERGE=a.json,b.json).
+  # BUDGET seconds; then one table from all shards and from the --merge files given as MERGE=a.json,b.json (the
+  # shards skip the runs those files already hold).
   shift
   N=${SHARDS:-4}
   for i in $(seq 0 $((N - 1))); do
     mkdir -p $OUT/shard$i
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 experiments/mqar_sweep.py --grid=full --engine=inproc \
-      --shard=$i/$N --out=$OUT/shard$i --budget_s=${BUDGET:-420} --timeout=${RUN_TIMEOUT:-150} "$@" \
+      --shard=$i/$N --out=$OUT/shard$i --budget_s=${BUDGET:-420} --timeout=${RUN_TIMEOUT:-150} \
+      ${MERGE:+--merge=$MERGE} "$@" \
       > $OUT/shard$i/mqar_sweep.log 2>&1 &
   done
   wait

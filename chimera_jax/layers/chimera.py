@@ -54,6 +54,10 @@ MODES = ("ssm", "window", "full", "identity")
 SSM, WINDOW, FULL, IDENTITY = range(4)
 CAPACITY_UNIT = 1024   # capacity fractions are integers in units of 1/1024 (exact in every path)
 _UNCAPPED = 1 << 30    # an allowance no count reaches
+# Named mode mixes (target_mix, capacity_factor) used by the experiments: "balanced" is the layer's default;
+# "cheap" asks for mostly the modes whose decode cost does not grow with the context (ssm, window, identity).
+MIXES = {"balanced": ((0.25, 0.25, 0.25, 0.25), (1.25, 1.25, 1.25, 1.25)),
+         "cheap": ((0.4, 0.3, 0.1, 0.2), (1.0, 1.0, 1.25, 1.0))}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -70,15 +74,19 @@ def default_config() -> ml_collections.ConfigDict:
     bias_balance: steer selection with the balancing bias (False keeps the bias out of selection).
     bias_update_rate: gamma of bias_i += gamma * sign(target_i - load_i); 1e-3 as the MoE's. At 1e-2 the MQAR
       runs oscillated (a key's mode flips, so the full-attention queries lose it) and reached 2-89% where 1e-3
-      reached 98.8-99.8% (experiments/results/mqar_sweep.md).
+      reached 98.8-99.8%; at 1e-3 one repeat of those cells still stalled at 65% (mqar_sweep_h100.md).
     decode_skip_unchosen: in decode, compute an attention mode only when some row's token chose it (lax.switch);
-      False computes both modes on every step (the reference the tests hold the skipping path to).
-    decode_read_block: in decode, read the full-attention cache only up to its filled part rounded up to
-      decode_read_block * 4^k slots (at most the capacity); 0 reads the whole buffer every step.
+      False (the default) computes both modes on every step. On an H100 at 32K context skipping was the slower
+      choice: an XLA conditional on the GPU waits for its predicate on the host, and two per layer per step cost
+      more than the attention they skip (ms per step skipping against not, balanced / cheap mix: batch 1 10.23 /
+      5.77 against 4.95 / 5.44, batch 16 7.91 / 4.96 against 7.03 / 4.13; experiments/results/bench_decode.md).
+      It may pay where conditionals are cheap (TPU) or at longer contexts.
+    decode_read_block: with decode_skip_unchosen, read the full-attention cache only up to its filled part
+      rounded up to decode_read_block * 4^k slots (at most the capacity); 0 reads the whole buffer every step.
     """
     return ml_collections.ConfigDict(dict(router_hidden=64, window=512, target_mix=(0.25, 0.25, 0.25, 0.25),
                                           capacity_factor=(1.25, 1.25, 1.25, 1.25), overflow_mode=0,
-                                          bias_balance=True, bias_update_rate=1e-3, decode_skip_unchosen=True,
+                                          bias_balance=True, bias_update_rate=1e-3, decode_skip_unchosen=False,
                                           decode_read_block=1024))
 
 
@@ -545,7 +553,7 @@ class Chimera(nn.Module):
             lengths = read_lengths(size, c.get("decode_read_block", 1024))
             need = jnp.max(count[:, FULL])                                     # filled slots after this token
         branches = _decode_branches(self.cfg, lengths, window)
-        if self.is_initializing() or not c.get("decode_skip_unchosen", True):
+        if self.is_initializing() or not c.get("decode_skip_unchosen", False):
             return branches[-1](mdl, x, positions, kv, k_pos, slots)           # the reference: always the whole
         bucket = jnp.sum(jnp.asarray(lengths[:-1], jnp.int32) < need)          # shortest length >= need
         index = jnp.where(jnp.any(mode == m), 1 + bucket, 0)

@@ -170,7 +170,9 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     t_last, step_last = time.perf_counter(), start
     eval_result = None
     skipped_seen = int(jax.device_get(state.nonfinite_total))  # at the last sync (read before any donation)
-    longest = jnp.zeros((), jnp.int32)  # device-side running max of nonfinite_in_a_row (resumes from 0)
+    # Device-side running max of nonfinite_in_a_row (resumes from 0). Placed on the mesh as the step's output is: a
+    # mesh-less first value would be another input type and compile the train step a second time.
+    longest = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
 
     def syncs(step):
         return (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0

@@ -11,8 +11,8 @@ import bench_decode  # noqa: E402
 
 
 def test_bench_decode_smoke(tmp_path):
-    rows = bench_decode.main(["--smoke", f"--out={tmp_path}", "--models=dense,chimera", "--batches=1"])
-    assert {r["model"] for r in rows} == {"dense", "chimera"}
+    rows = bench_decode.main(["--smoke", f"--out={tmp_path}", "--models=dense,chimera,chimera-skip", "--batches=1"])
+    assert {r["model"] for r in rows} == {"dense", "chimera", "chimera-skip"}
     report = json.load(open(tmp_path / "bench_decode.json"))
     assert report["meta"]["jax"] and report["meta"]["device"]
     md = (tmp_path / "bench_decode.md").read_text()

@@ -15,8 +15,9 @@ D, B, T, W = 16, 2, 16, 4  # T > W: the window ring buffer wraps several times
 
 def _cfg(dtype="float64", **ch):
     c = chimera.default_config()
-    # decode_read_block=4: the m2 cache (<= T slots) is read in lengths 4 and 16, so decode exercises both.
-    c.update(dict(window=W, router_hidden=8, decode_read_block=4), **ch)
+    # decode_skip_unchosen with decode_read_block=4: the tests' decode runs the skipping path (the longer one), with
+    # the m2 cache (<= T slots) read in lengths 4 and 16, so decode exercises both; the plain path is its reference.
+    c.update(dict(window=W, router_hidden=8, decode_skip_unchosen=True, decode_read_block=4), **ch)
     m = mamba2.default_config()
     m.update(d_state=4, head_dim=8, expand=2, chunk_size=4)
     a = attention.default_config()
