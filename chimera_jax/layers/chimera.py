@@ -25,8 +25,9 @@ Rules that hold identically in the parallel path, prefill and decode:
 
 Cost: training runs both attention modes as one attention call (each token with its own mode's Q/K/V, keys
 masked to the query's mode) in query chunks, so memory is O(b h c t) for a chunk of c queries, not O(b h t t)
-per mode. Decode advances the SSM on every token but runs an attention mode only if some row of the batch chose
-it (at batch 1 a step pays for at most one attention), and reads the m2 buffer only up to its filled part.
+per mode. Decode advances the SSM and computes both attention modes on every token (each over its own cache);
+with ``decode_skip_unchosen`` it runs an attention mode only if some row of the batch chose it and reads the m2
+buffer only up to its filled part, which on an H100 cost more in conditionals than it saved (see the config).
 
 Aux-loss-free balancing (the rule of Wang et al., 2024, used by ``layers/moe.py``, here toward a target mix
 rather than toward equal loads): after each training forward pass ``bias_i += rate * sign(target_i - load_i)``
