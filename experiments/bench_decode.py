@@ -5,8 +5,9 @@
 
 Models: ``dense`` (every layer full attention), ``chimera`` (target mix 0.25 per mode) and ``chimera-cheap``
 (target mix 0.4 ssm / 0.3 window / 0.1 full / 0.2 identity: mostly the modes whose cost does not grow with the
-context), each also as ``-skip`` (``decode_skip_unchosen``: an attention mode no row chose is not computed). For every model and batch size (1 and 16) it allocates the decode cache for ``context + steps`` tokens,
-fills it as if ``context`` tokens had been consumed, then times ``steps`` one-token decode steps of the whole LM
+context), each also as ``-skip`` (``decode_skip_unchosen``: an attention mode no row chose is not computed). For
+every model and batch size (1 and 16) it allocates the decode cache for ``context + steps`` tokens, fills it as if
+``context`` tokens had been consumed, then times ``steps`` one-token decode steps of the whole LM
 (embedding, every layer, logits) under jit with the cache donated (updated in place, as a server would), after
 warm-up. Reported per batch size, in one table each: the cache bytes actually allocated (the sum of the cache
 arrays' sizes, and the device allocator's growth where it reports one), decode tokens/s (batch * steps /
