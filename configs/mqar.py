@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            read_threads=synthetic_recall.READ_THREADS,
                                            prefetch_batches=synthetic_recall.PREFETCH_BATCHES))
     config_lib.check_choice("arch", v["arch"], ARCHS)
+    config_lib.check_choice("mix", v["mix"], chimera.MIXES)
     c = lm_configs.get_config(f"arch={ARCHS[v['arch']]},size=tiny")
     c.unlock()
     d = int(v["d_model"])
@@ -68,7 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.chimera.window = int(v["window"])
         if float(v["router_rate"]) > 0:
             m.chimera.bias_update_rate = float(v["router_rate"])
-        config_lib.check_choice("mix", v["mix"], chimera.MIXES)
         m.chimera.target_mix, m.chimera.capacity_factor = chimera.MIXES[v["mix"]]
 
     c.total_steps = int(v["steps"])

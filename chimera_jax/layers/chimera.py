@@ -85,8 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     decode_read_block: with decode_skip_unchosen, read the full-attention cache only up to its filled part
       rounded up to decode_read_block * 4^k slots (at most the capacity); 0 reads the whole buffer every step.
     """
-    return ml_collections.ConfigDict(dict(router_hidden=64, window=512, target_mix=(0.25, 0.25, 0.25, 0.25),
-                                          capacity_factor=(1.25, 1.25, 1.25, 1.25), overflow_mode=0,
+    target_mix, capacity_factor = MIXES["balanced"]
+    return ml_collections.ConfigDict(dict(router_hidden=64, window=512, target_mix=target_mix,
+                                          capacity_factor=capacity_factor, overflow_mode=0,
                                           bias_balance=True, bias_update_rate=1e-3, decode_skip_unchosen=False,
                                           decode_read_block=1024))
 
