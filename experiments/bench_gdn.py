@@ -2,14 +2,21 @@
 
     python experiments/bench_gdn.py jax OUT.json   # ours (pallas, xla) and jax-linear-attention, one process
     python experiments/bench_gdn.py fla OUT.json   # fla's chunk_gated_delta_rule (PyTorch + Triton)
+    python experiments/bench_gdn.py stages OUT.json  # ours, by stage: intra-chunk prepare (XLA), inter-chunk scan
     python experiments/bench_gdn.py report OUT_DIR A.json B.json   # merge into OUT_DIR/bench_gdn.{md,json}
+
+GDN_IMPLS=a,b limits the jax run to those implementations; GDN_PREFIX=NAME- renames them in the table (to time
+an earlier checkout of the package, put it first on PYTHONPATH and give it a prefix).
 """
+import os
 import json
 import platform
 import sys
 import time
 
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (4, 4096, 32, 64), (1, 32768, 8, 128)]
+# the scan kernels' num_stages to sweep in `stages` (default: the kernels' own choice only)
+STAGE_SWEEP = [None if x == "default" else int(x) for x in os.environ.get("GDN_STAGE_SWEEP", "default").split(",")]
 
 
 def _median(ts):
@@ -42,11 +49,16 @@ def bench_jax(path):
         "ours-xla": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="xla")[0],
     }
     try:
+        if os.environ.get("GDN_IMPLS") and "jla-mosaic_gpu" not in os.environ["GDN_IMPLS"]:
+            raise ImportError("not asked for (GDN_IMPLS)")
         from jla import ops as jla_ops
         impls["jla-mosaic_gpu"] = lambda q, k, v, g, b: jla_ops.linear_attention(
             "gated_deltanet", q, k, v, g=g, beta=b, impl="mosaic_gpu")[0]
     except Exception as e:  # the peer is optional: its absence is recorded, not fatal
         print("jax-linear-attention unavailable:", e)
+    if os.environ.get("GDN_IMPLS"):
+        impls = {n: f for n, f in impls.items() if n in os.environ["GDN_IMPLS"].split(",")}
+    prefix = os.environ.get("GDN_PREFIX", "")
     rows = []
     for (B, T, H, D) in SHAPES:
         ks = jax.random.split(jax.random.key(0), 5)
@@ -57,7 +69,7 @@ def bench_jax(path):
         g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4
         beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
         for name, f in impls.items():
-            row = dict(impl=name, B=B, T=T, H=H, D=D)
+            row = dict(impl=prefix + name, B=B, T=T, H=H, D=D)
             try:
                 fwd = jax.jit(f)
                 loss = lambda *a, f=f: (f(*a).astype(jnp.float32) ** 2).sum()
@@ -68,6 +80,72 @@ def bench_jax(path):
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(row, flush=True)
             rows.append(row)
+    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
+    json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
+
+
+def _inputs_jax(B, T, H, D):
+    import jax
+    import jax.numpy as jnp
+
+    ks = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32)
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, D), jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+    return q, k, v, g, beta
+
+
+def bench_stages(path):
+    """Where the op's time goes: the intra-chunk prepare (XLA) and the inter-chunk scan (Pallas), each forward
+    and forward + backward, at the benchmark's shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from chimera_jax.ops import gated_delta_rule as gdr
+    from chimera_jax.ops.common import resets
+    from kernels_pallas.gated_delta_rule import chunk_scan as scan_mod, chunk_scan_pallas
+
+    def timeit(fn, *a, n=20):
+        for _ in range(3):
+            jax.block_until_ready(fn(*a))
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            ts.append(time.perf_counter() - t0)
+        return _median(ts) * 1e3
+
+    sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
+    rows = []
+    for (B, T, H, D) in SHAPES:
+        q, k, v, g, beta = _inputs_jax(B, T, H, D)
+        reset = resets(None, B, T)
+        # as the op's pallas route prepares a bf16 model's chunks: bf16 operands and outputs
+        prep = lambda q, k, v, g, beta: gdr.chunk_prepare(q, k, v, g, beta, reset, scale=D ** -0.5, chunk_size=64,
+                                                          mm_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
+        ci = jax.jit(prep)(q, k, v, g, beta)
+        s0 = jnp.zeros((B, H, D, D), jnp.float32)
+        scan = lambda ci, s0: chunk_scan_pallas(ci, s0, mm_dtype=jnp.bfloat16)
+        row = dict(impl="ours-pallas-stages", B=B, T=T, H=H, D=D)
+        try:
+            row["prepare_fwd_ms"] = timeit(jax.jit(prep), q, k, v, g, beta)
+            row["prepare_fwd_bwd_ms"] = timeit(jax.jit(jax.grad(lambda *a: sq(prep(*a)), argnums=range(5))),
+                                               q, k, v, g, beta)
+            default = scan_mod.NUM_STAGES
+            for ns in STAGE_SWEEP:  # the scan kernels' load pipelining depth
+                scan_mod.NUM_STAGES = ns
+                sfx = "" if ns == default else f"_ns{ns}"
+                f = lambda ci, s0: scan(ci, s0)  # a fresh function: traced again with this depth
+                row["scan_fwd_ms" + sfx] = timeit(jax.jit(f), ci, s0)
+                row["scan_fwd_bwd_ms" + sfx] = timeit(jax.jit(jax.grad(lambda ci, s0: sq(f(ci, s0)[0]))), ci, s0)
+            scan_mod.NUM_STAGES = default
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
     json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
 
@@ -100,9 +178,9 @@ def bench_fla(path):
                    fwd_bwd_ms=triton.testing.do_bench(fb, warmup=25, rep=300, return_mode="median"))
         print(row, flush=True)
         rows.append(row)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                fla=getattr(fla, "__version__", "?"))
-    json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    fla=getattr(fla, "__version__", "?"))
+        json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)  # after every shape: a timeout keeps them
 
 
 def report(out_dir, *parts):
@@ -115,10 +193,12 @@ def report(out_dir, *parts):
             continue
         rows += d["rows"]
         meta.update(d["meta"])
+    stages = [r for r in rows if "prepare_fwd_ms" in r]
+    rows = [r for r in rows if r not in stages]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     lines = ["# Gated delta rule, bf16, median ms (one process per framework, same GPU)", "",
              "meta: " + ", ".join(f"{k}={v}" for k, v in meta.items()), ""]
-    for key in ("fwd_bwd_ms", "fwd_ms"):
+    for key in ("fwd_bwd_ms", "fwd_ms") if impls else ():
         lines += [f"## {key}", "", "| B, T, H, D | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
         for (B, T, H, D) in SHAPES:
             cells = []
@@ -127,7 +207,16 @@ def report(out_dir, *parts):
                 cells.append(f"{r[0][key]:.3f}" if r and key in r[0] else ("err" if r else "-"))
             lines.append(f"| {B}, {T}, {H}, {D} | " + " | ".join(cells) + " |")
         lines.append("")
-    errs = [r for r in rows if "error" in r]
+    if stages:
+        keys = ("prepare_fwd_ms", "prepare_fwd_bwd_ms", "scan_fwd_ms", "scan_fwd_bwd_ms")
+        keys += tuple(sorted({k for r in stages for k in r if k.startswith("scan_") and k not in keys}))
+        lines += ["## ours-pallas by stage, ms (intra-chunk prepare in XLA, inter-chunk scan in Pallas)", "",
+                  "| B, T, H, D | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for r in stages:
+            lines.append(f"| {r['B']}, {r['T']}, {r['H']}, {r['D']} | "
+                         + " | ".join(f"{r[k]:.3f}" if k in r else "err" for k in keys) + " |")
+        lines.append("")
+    errs = [r for r in rows + stages if "error" in r]
     if errs:
         lines += ["## errors", ""] + [f"- {r['impl']} {r['B']},{r['T']},{r['H']},{r['D']}: {r['error']}" for r in errs]
     open(f"{out_dir}/bench_gdn.md", "w").write("\n".join(lines) + "\n")
@@ -141,5 +230,7 @@ if __name__ == "__main__":
         bench_jax(sys.argv[2])
     elif which == "fla":
         bench_fla(sys.argv[2])
+    elif which == "stages":
+        bench_stages(sys.argv[2])
     else:
         report(sys.argv[2], *sys.argv[3:])

@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
-
-
-
-
 def _check(q, k, v, g, beta, initial_state, segment_ids):
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [b t h k]; got q {q.shape}, k {k.shape}")
@@ -132,18 +128,75 @@ def unit_lower_inverse(a: jax.Array, leaf: int = 16) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
 
 
-def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size) -> ChunkInputs:
-    """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c."""
+def chunk_matmul(spec: str, x: jax.Array, y: jax.Array, *, mm_dtype, acc) -> jax.Array:
+    """einsum with the chunkwise forms' operand precision: bf16 operands with ``acc`` (float32) accumulation when
+    ``mm_dtype`` is bfloat16 (what fla does for bf16 models: tensor cores at full rate), otherwise full-precision
+    ``acc`` products (``Precision.HIGHEST``: a float32 model gets no TF32 rounding on GPUs)."""
+    if mm_dtype is not None and jnp.dtype(mm_dtype) == jnp.bfloat16:
+        return jnp.einsum(spec, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), preferred_element_type=acc)
+    return jnp.einsum(spec, x.astype(acc), y.astype(acc), precision=jax.lax.Precision.HIGHEST)
+
+
+_SOLVE = "...ij,...jm->...im"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None):
+    """(T rhs_v, T rhs_k) with T = (I + a)^-1, for strictly lower-triangular a [... c c] (the UT transform).
+
+    T itself is always formed at full precision (``unit_lower_inverse``); ``mm_dtype`` sets the operands of
+    the products with it (``chunk_matmul``). The gradient is written in closed form instead of differentiating
+    the matmul recursion: with sol = T rhs,
+        d rhs = T^T d sol,    d a = -strict_lower(sum over both right-hand sides of d rhs sol^T)
+    (from dT = -T da T): a few products in place of the adjoint of every product of the recursion.
+    """
+    return _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype)[0]
+
+
+def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype):
+    t_inv = unit_lower_inverse(a)
+    mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=a.dtype)
+    u, w = mm(_SOLVE, t_inv, rhs_v), mm(_SOLVE, t_inv, rhs_k)
+    return (u, w), (t_inv, u, w)
+
+
+def _ut_solve_bwd(mm_dtype, res, cot):
+    t_inv, u, w = res
+    du, dw = cot
+    mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=t_inv.dtype)
+    drhs_v = mm("...ji,...jm->...im", t_inv, du)
+    drhs_k = mm("...ji,...jm->...im", t_inv, dw)
+    da = mm("...im,...jm->...ij", drhs_v, u) + mm("...im,...jm->...ij", drhs_k, w)
+    c = t_inv.shape[-1]
+    # a is strictly lower triangular by construction: its other entries have no gradient.
+    da = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), -da, 0.0)
+    return da, drhs_v, drhs_k
+
+
+ut_solve.defvjp(_ut_solve_fwd, _ut_solve_bwd)
+
+
+def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, out_dtype=None) -> ChunkInputs:
+    """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c.
+
+    mm_dtype: operand dtype of the products (``chunk_matmul``): None = full precision in the state dtype;
+      bfloat16 = bf16 operands with float32 accumulation (the masks, decays and the inverse stay float32).
+    out_dtype: dtype of the returned arrays other than gamma (default: the state dtype); bf16 halves what the
+      scan kernels read.
+    """
     b, t, h, dk = q.shape
     c = chunk_size
     n = t // c
     cd = _state_dtype(q.dtype)
+    od = cd if out_dtype is None else out_dtype
+    mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=cd)
 
-    def chunks(x):  # [b t h ...] -> [b h n c ...]
-        x = x.astype(cd).reshape((b, n, c, h) + x.shape[3:])
+    def chunks(x):  # [b t h ...] -> [b h n c ...], in the input dtype (the transpose moves half the bytes for bf16)
+        x = x.reshape((b, n, c, h) + x.shape[3:])
         return jnp.moveaxis(x, 3, 1)
 
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    q, k, v = (chunks(x) for x in (q, k, v))
+    g, beta = (chunks(x).astype(cd) for x in (g, beta))
     seg = jnp.cumsum(reset.reshape(b, n, c).astype(jnp.int32), axis=-1)[:, None]  # [b 1 n c] document index
     same = seg[..., :, None] == seg[..., None, :]  # [b 1 n c c]: no document start in (j, t]
     causal = jnp.tril(jnp.ones((c, c), bool))
@@ -157,27 +210,27 @@ def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size) -> ChunkInputs:
     gam_t = jnp.where(conn0, jnp.exp(G), 0.0)  # [b h n c]
     last_diff = G[..., -1:] - G  # [b h n c]
     conn_last = conn[..., -1, :]  # [b 1 n c]
-    k_dec = k * jnp.where(conn_last, jnp.exp(jnp.where(conn_last, last_diff, 0.0)), 0.0)[..., None]
+    k_dec = k.astype(cd) * jnp.where(conn_last, jnp.exp(jnp.where(conn_last, last_diff, 0.0)), 0.0)[..., None]
 
-    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
+    kk = mm("bhnik,bhnjk->bhnij", k, k)
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     a = jnp.where(strict, beta[..., :, None] * dec * kk, 0.0)  # [b h n c c]
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * gam_t)[..., None] * k], axis=-1)
-    sol = _mm(unit_lower_inverse(a), rhs)
-    u_tilde, w = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
-    q_hat = (scale * gam_t)[..., None] * q
-    p = scale * jnp.einsum("bhnik,bhnjk->bhnij", q, k) * dec
-    return ChunkInputs(u_tilde, w, q_hat, p, k_dec, gam_t[..., -1])
+    u_tilde, w = ut_solve(a, beta[..., None] * v.astype(cd), (beta * gam_t)[..., None] * k.astype(cd), mm_dtype)
+    q_hat = (scale * gam_t)[..., None] * q.astype(cd)
+    p = scale * mm("bhnik,bhnjk->bhnij", q, k) * dec
+    return ChunkInputs(*(x.astype(od) for x in (u_tilde, w, q_hat, p, k_dec)), gam_t[..., -1])
 
 
 def chunk_scan_xla(ci: ChunkInputs, s0):
     """The serial part in plain JAX: one state update per chunk. Returns (o [b h n c v], final state [b h k v])."""
 
+    mm = functools.partial(chunk_matmul, mm_dtype=None, acc=s0.dtype)
+
     def step(s, x):
         u_tilde, w, q_hat, p, k_dec, gamma = x
-        u = u_tilde - jnp.einsum("bhck,bhkv->bhcv", w, s)
-        o = jnp.einsum("bhck,bhkv->bhcv", q_hat, s) + jnp.einsum("bhij,bhjv->bhiv", p, u)
-        s = gamma[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_dec, u)
+        u = u_tilde - mm("bhck,bhkv->bhcv", w, s)
+        o = mm("bhck,bhkv->bhcv", q_hat, s) + mm("bhij,bhjv->bhiv", p, u)
+        s = gamma[..., None, None] * s + mm("bhck,bhcv->bhkv", k_dec, u)
         return s, o
 
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in ci)
@@ -281,5 +334,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         if jax.default_backend() == "tpu":  # the Mosaic TPU kernel; checked in the TPU interpreter only (no TPU here)
             from kernels_pallas.gated_delta_rule.chunk_scan_tpu import chunk_scan_pallas_tpu as chunk_scan_pallas
         scan = functools.partial(chunk_scan_pallas, mm_dtype=q.dtype)
-        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kw)
+        # bf16 models: bf16 operands and bf16 chunk inputs for the kernels, float32 state and accumulation.
+        low = jnp.dtype(q.dtype) == jnp.bfloat16
+        prepare = functools.partial(chunk_prepare, mm_dtype=q.dtype if low else None,
+                                    out_dtype=q.dtype if low else None)
+        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, prepare=prepare, **kw)
     return o, (s if output_final_state else None)

@@ -68,3 +68,10 @@ def test_interpreted_float64(b, t, h, d, c, packed):
 @pytest.mark.parametrize("in_dtype,tol", [("float32", 2e-3), ("bfloat16", 3e-2)])
 def test_native_gpu(d, in_dtype, tol):
     _check(2, 300, 2, d, 64, jnp.dtype(in_dtype), jnp.float32, tol, True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter check of the bf16 path; the GPU runs it natively above")
+def test_interpreted_bfloat16_path():
+    """bf16 inputs take the kernels' low-precision route (bf16 operands and chunk inputs, float32 state):
+    values and gradients stay within bf16 error of the float32 reference."""
+    _check(1, 40, 2, 16, 8, jnp.dtype("bfloat16"), jnp.float32, 3e-2, True)
