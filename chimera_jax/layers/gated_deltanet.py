@@ -40,9 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
       parallel path (decode always uses the token-by-token step).
     dt_min, dt_max: range of the log-uniform initial step (softplus(dt_bias)).
     a_init_min, a_init_max: range of the uniform initial decay rate exp(A_log).
+    remat_prepare: 'auto' | 'on' | 'off': recompute the op's intra-chunk part in its backward
+      (``gated_delta_rule``'s flag). 'auto': on, unless the model rematerialises whole blocks (``model.remat = 'full'``): the block's backward already
+      reruns the op's forward, and a second prepare pass there would buy no memory.
     """
     return ml_collections.ConfigDict(dict(num_heads=4, head_dim=64, expand_v=1.0, conv_width=4, chunk_size=64,
-                                          impl="auto", dt_min=0.001, dt_max=0.1, a_init_min=1.0, a_init_max=16.0))
+                                          impl="auto", dt_min=0.001, dt_max=0.1, a_init_min=1.0, a_init_max=16.0,
+                                          remat_prepare="auto"))
 
 
 @flax.struct.dataclass
@@ -83,6 +87,16 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / |x| over the last axis (computed in float32 or wider)."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def remat_prepare(cfg) -> bool:
+    """The op's ``remat_prepare`` for this model config (see ``remat_prepare`` in the layer's config)."""
+    choice = cfg.gdn.get("remat_prepare", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"model.gdn.remat_prepare must be 'auto', 'on' or 'off'; got {choice!r}")
+    if choice == "auto":
+        return cfg.get("remat", "none") != "full"
+    return choice == "on"
 
 
 class GatedDeltaNet(nn.Module):
@@ -144,7 +158,8 @@ class GatedDeltaNet(nn.Module):
         o, state = gdr_op.gated_delta_rule(
             q, k, v.astype(dtype), g, beta, scale=dk ** -0.5,
             initial_state=None if cache is None else carried(cache.state), output_final_state=cache is not None,
-            segment_ids=segment_ids, impl="reference" if decode else c.impl, chunk_size=c.chunk_size)  # [b t h v]
+            segment_ids=segment_ids, impl="reference" if decode else c.impl, chunk_size=c.chunk_size,
+            remat_prepare=remat_prepare(cfg))  # [b t h v]
 
         # Gated RMSNorm over each head's v channels, one scale vector shared by the heads.
         o = common.RMSNorm(eps=cfg.get("norm_eps", 1e-6), dtype=dtype, param_dtype=pdtype, name="o_norm")(o)

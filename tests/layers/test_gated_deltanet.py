@@ -64,3 +64,24 @@ def test_params_decay_and_errors(h):
             gated_deltanet.GatedDeltaNet(_cfg(expand_v=0.3)).init_cache(1, 4, "float32")
         with pytest.raises(ValueError, match="decode=True needs a cache"):
             h.mod.apply(h.params, rc.inputs(16, 1, 1), decode=True)
+
+
+def test_remat_prepare_follows_block_remat(monkeypatch):
+    """'auto' keeps the op's own recompute of its intra-chunk part unless whole blocks are rematerialised
+    (their backward reruns the op's forward anyway); 'on' / 'off' force it; anything else names the field."""
+    seen = []
+    real = gated_deltanet.gdr_op.gated_delta_rule
+    monkeypatch.setattr(gated_deltanet.gdr_op, "gated_delta_rule",
+                        lambda *a, **kw: seen.append(kw["remat_prepare"]) or real(*a, **kw))
+    x = rc.inputs(16, 1, 6).astype(jnp.float32)
+    for remat, choice, want in [("none", "auto", True), ("full", "auto", False), ("dots", "auto", True),
+                                ("full", "on", True), ("none", "off", False)]:
+        cfg = ml_collections.ConfigDict(_cfg(remat_prepare=choice))
+        cfg.remat = remat
+        cfg.dtype = cfg.param_dtype = "float32"
+        mod = gated_deltanet.GatedDeltaNet(ml_collections.FrozenConfigDict(cfg))
+        mod.init(jax.random.key(0), x)
+        assert seen[-1] is want, (remat, choice)
+    bad = _cfg(remat_prepare="yes")
+    with pytest.raises(ValueError, match="model.gdn.remat_prepare"):
+        gated_deltanet.GatedDeltaNet(bad).init(jax.random.key(0), x)
