@@ -44,9 +44,8 @@ def bench_one(arch: str, size: str, seq_len: int, batch: int, steps: int, remat:
     mesh = sharding.make_mesh(c.mesh)
     rules = list(sharding.LOGICAL_RULES)
     stage = stages.build(c)
-    with mesh, nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-        shard = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=nn.meta.unbox(boxed))
+    shard, _ = sharding.state_shardings(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    with sharding.on_mesh(mesh, rules):
         state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shard)(jax.random.PRNGKey(0))
         step = jax.jit(stage.train_step, in_shardings=(shard, sharding.batch_sharding(mesh), None),
                        out_shardings=(shard, None), donate_argnums=0)

@@ -105,18 +105,13 @@ def train(config, workdir: str, *, stop_after: int | None = None):
     # Shardings of the whole state come from the logical names on the (abstract) parameters.
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    with mesh, nn.logical_axis_rules(list(rules)):
-        boxed = jax.eval_shape(stage.init, init_rng)
-        state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules,
-                                                       shapes=nn.meta.unbox(boxed))
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                nn.meta.unbox(boxed), state_shardings)
+    state_shardings, abstract = sharding.state_shardings(stage.init, init_rng, mesh, rules)
 
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
     restored = ckpt.restore(abstract)
     if restored is None:
-        with mesh, nn.logical_axis_rules(list(rules)):
+        with sharding.on_mesh(mesh, rules):
             state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=state_shardings)(init_rng)
         start = 0
     else:
@@ -137,7 +132,7 @@ def train(config, workdir: str, *, stop_after: int | None = None):
         return state, dict(metrics, nonfinite_in_a_row=state.nonfinite_in_a_row, **{
             _LONGEST_STREAK: longest, _SKIPPED_TOTAL: state.nonfinite_total}), longest
 
-    with mesh, nn.logical_axis_rules(list(rules)):
+    with sharding.on_mesh(mesh, rules):
         train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),
                              out_shardings=(state_shardings, None, None), donate_argnums=0)
         eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sharding))
@@ -149,7 +144,7 @@ def train(config, workdir: str, *, stop_after: int | None = None):
 
     def evaluate(state, step):
         sums = None
-        with mesh, nn.logical_axis_rules(list(rules)):
+        with sharding.on_mesh(mesh, rules):
             for batch in stage.data.eval_batches:
                 out = eval_step(state, sharding.global_batch(batch, mesh, rules))
                 sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -220,7 +215,7 @@ def train(config, workdir: str, *, stop_after: int | None = None):
         step = start
         while step < end:
             batch = sharding.global_batch(next(stage.data.train), mesh, rules)
-            with mesh, nn.logical_axis_rules(list(rules)):
+            with sharding.on_mesh(mesh, rules):
                 state, m, longest = train_step(state, batch, longest)
             step += 1
             flush_and_check(pending, step, state)

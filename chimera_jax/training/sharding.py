@@ -6,6 +6,7 @@ editing this table, never the layers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -86,6 +87,26 @@ def _fit(sh: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
         if shape[i] % math.prod(mesh.shape[a] for a in names):
             spec[i] = None
     return NamedSharding(mesh, P(*spec))
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: Mesh, rules=LOGICAL_RULES):
+    """Trace and run under ``mesh`` with the logical rules: what jitted steps and sharding constraints see."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield
+
+
+def state_shardings(init_fn, rng, mesh: Mesh, rules=LOGICAL_RULES):
+    """Shardings of everything ``init_fn(rng)`` returns (Flax boxed with logical names), without running it.
+
+    Returns (unboxed shardings, unboxed ShapeDtypeStructs carrying them). Traced with no mesh in context: flax
+    would otherwise turn each logical name into a sharding constraint on the abstract values.
+    """
+    boxed = jax.eval_shape(init_fn, rng)
+    shapes = nn.meta.unbox(boxed)
+    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=shapes)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+    return shardings, abstract
 
 
 def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:

@@ -1,6 +1,5 @@
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,7 +103,7 @@ def test_per_shard_attention_equals_unsharded_under_a_mesh():
     want = flash(q, k, v)
     for layout in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=2, tensor=4)):
         mesh = sharding.make_mesh(ml_collections.ConfigDict(layout))
-        with mesh, nn.logical_axis_rules(list(sharding.LOGICAL_RULES)):
+        with sharding.on_mesh(mesh):
             fn = lambda a, b, c: attention.per_shard(flash, a, b, c)  # noqa: E731
             assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
             got = jax.jit(fn)(q, k, v)

@@ -12,9 +12,8 @@ def _one_step(config, devices):
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = list(sharding.LOGICAL_RULES)
     stage = stages.build(config)
-    with mesh, nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-        shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=nn.meta.unbox(boxed))
+    shardings, _ = sharding.state_shardings(stage.init, jax.random.PRNGKey(0), mesh, rules)
+    with sharding.on_mesh(mesh, rules):
         state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(jax.random.PRNGKey(0))
         batch = sharding.global_batch(next(stage.data.train), mesh)
         step = jax.jit(stage.train_step, in_shardings=(shardings, sharding.batch_sharding(mesh), None),
