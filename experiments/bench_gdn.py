@@ -8,8 +8,9 @@
 GDN_IMPLS=a,b limits the jax run to those implementations; GDN_PREFIX=NAME- renames them in the table (to time
 an earlier checkout of the package, put it first on PYTHONPATH and give it a prefix).
 """
-import os
+import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -24,23 +25,27 @@ def _median(ts):
     return ts[len(ts) // 2]
 
 
+def _timeit_jax(fn, *a, n=30):
+    """Median ms of ``fn(*a)`` over n runs after compilation and 3 warm-up runs."""
+    import jax
+
+    for _ in range(4):
+        jax.block_until_ready(fn(*a))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        ts.append(time.perf_counter() - t0)
+    return _median(ts) * 1e3
+
+
 def bench_jax(path):
     import jax
     import jax.numpy as jnp
 
     from chimera_jax.ops.gated_delta_rule import gated_delta_rule
 
-    def timeit(fn, *a, n=30):
-        jax.block_until_ready(fn(*a))
-        for _ in range(3):
-            jax.block_until_ready(fn(*a))
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            ts.append(time.perf_counter() - t0)
-        return _median(ts) * 1e3
-
+    timeit = _timeit_jax
     impls = {
         "ours-pallas": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas")[0],
         # The same with the intra-chunk intermediates kept from forward to backward (more memory, no recompute).
@@ -61,13 +66,7 @@ def bench_jax(path):
     prefix = os.environ.get("GDN_PREFIX", "")
     rows = []
     for (B, T, H, D) in SHAPES:
-        ks = jax.random.split(jax.random.key(0), 5)
-        q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32)
-        k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-        v = jax.random.normal(ks[2], (B, T, H, D), jnp.bfloat16)
-        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4
-        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+        q, k, v, g, beta = _inputs_jax(B, T, H, D)
         for name, f in impls.items():
             row = dict(impl=prefix + name, B=B, T=T, H=H, D=D)
             try:
@@ -108,16 +107,7 @@ def bench_stages(path):
     from chimera_jax.ops.common import resets
     from kernels_pallas.gated_delta_rule import chunk_scan as scan_mod, chunk_scan_pallas
 
-    def timeit(fn, *a, n=20):
-        for _ in range(3):
-            jax.block_until_ready(fn(*a))
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            ts.append(time.perf_counter() - t0)
-        return _median(ts) * 1e3
-
+    timeit = functools.partial(_timeit_jax, n=20)
     sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
     rows = []
     for (B, T, H, D) in SHAPES:
