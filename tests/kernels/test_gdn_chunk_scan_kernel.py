@@ -75,3 +75,23 @@ def test_interpreted_bfloat16_path():
     """bf16 inputs take the kernels' low-precision route (bf16 operands and chunk inputs, float32 state):
     values and gradients stay within bf16 error of the float32 reference."""
     _check(1, 40, 2, 16, 8, jnp.dtype("bfloat16"), jnp.float32, 3e-2, True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the smoke run is the CPU interpreter path")
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    """experiments/bench_gdn.py's jax and stage runs and its report, at one tiny shape in the interpreter."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "experiments"))
+    import bench_gdn
+
+    monkeypatch.setattr(bench_gdn, "SHAPES", [(1, 128, 2, 64)])
+    monkeypatch.setenv("GDN_IMPLS", "ours-pallas")
+    bench_gdn.bench_jax(str(tmp_path / "jax.json"))
+    bench_gdn.bench_stages(str(tmp_path / "stages.json"))
+    bench_gdn.report(str(tmp_path), str(tmp_path / "jax.json"), str(tmp_path / "stages.json"))
+    table = (tmp_path / "bench_gdn.md").read_text()
+    assert "| B, T, H, D | ours-pallas |" in table and "| 1, 128, 2, 64 | " in table
+    assert "scan_fwd_bwd_ms" in table and " err |" not in table and "## errors" not in table
+    del sys.modules["bench_gdn"]
