@@ -136,3 +136,4 @@ def test_bench_smoke(tmp_path):
     default = {r["M"]: r["us"] for r in rows if r["impl"] == "ours-gemv-default"}
     assert all(r["us"] <= default[r["M"]] for r in gemv)  # the best of the sweep includes the defaults
     assert sweep and all("us" in r or "error" in r for r in sweep)
+    assert all(r.get("us", 0) > 0 for r in rows if r["impl"] == "ours-xla") and "xla-bf16 / ours-xla" in md
