@@ -3,6 +3,7 @@
     python experiments/bench_gdn.py jax OUT.json   # ours (pallas, xla) and jax-linear-attention, one process
     python experiments/bench_gdn.py fla OUT.json   # fla's chunk_gated_delta_rule (PyTorch + Triton)
     python experiments/bench_gdn.py stages OUT.json  # ours, by stage: intra-chunk prepare (XLA), inter-chunk scan
+                                                     # (GDN_STAGE_SWEEP, GDN_INV_SWEEP: variants to time)
     python experiments/bench_gdn.py report OUT_DIR A.json B.json   # merge into OUT_DIR/bench_gdn.{md,json}
 
 GDN_IMPLS=a,b limits the jax run to those implementations; GDN_PREFIX=NAME- renames them in the table (to time
@@ -18,6 +19,8 @@ import time
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (4, 4096, 32, 64), (1, 32768, 8, 128)]
 # the scan kernels' num_stages to sweep in `stages` (default: the kernels' own choice only)
 STAGE_SWEEP = [None if x == "default" else int(x) for x in os.environ.get("GDN_STAGE_SWEEP", "default").split(",")]
+# algorithms for the products inside the inverse to time in `stages` besides "highest" (e.g. "bf16x6,tf32x3")
+INV_SWEEP = [x for x in os.environ.get("GDN_INV_SWEEP", "").split(",") if x and x != "highest"]
 
 
 def _median(ts):
@@ -108,14 +111,18 @@ def bench_stages(path):
     from kernels_pallas.gated_delta_rule import chunk_scan as scan_mod, chunk_scan_pallas
 
     timeit = functools.partial(_timeit_jax, n=20)
+
+    def prep_with(q, k, v, g, beta, *, inv_precision, reset, D):
+        return gdr.chunk_prepare(q, k, v, g, beta, reset, scale=D ** -0.5, chunk_size=64, mm_dtype=jnp.bfloat16,
+                                 out_dtype=jnp.bfloat16, inv_precision=inv_precision)
+
     sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
     rows = []
     for (B, T, H, D) in SHAPES:
         q, k, v, g, beta = _inputs_jax(B, T, H, D)
         reset = resets(None, B, T)
         # as the op's pallas route prepares a bf16 model's chunks: bf16 operands and outputs
-        prep = lambda q, k, v, g, beta: gdr.chunk_prepare(q, k, v, g, beta, reset, scale=D ** -0.5, chunk_size=64,
-                                                          mm_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
+        prep = functools.partial(prep_with, inv_precision="highest", reset=reset, D=D)
         ci = jax.jit(prep)(q, k, v, g, beta)
         s0 = jnp.zeros((B, H, D, D), jnp.float32)
         scan = lambda ci, s0: chunk_scan_pallas(ci, s0, mm_dtype=jnp.bfloat16)
@@ -124,6 +131,16 @@ def bench_stages(path):
             row["prepare_fwd_ms"] = timeit(jax.jit(prep), q, k, v, g, beta)
             row["prepare_fwd_bwd_ms"] = timeit(jax.jit(jax.grad(lambda *a: sq(prep(*a)), argnums=range(5))),
                                                q, k, v, g, beta)
+            for inv in INV_SWEEP:  # other algorithms for the products inside the float32 inverse
+                p_inv = functools.partial(prep_with, inv_precision=inv, reset=reset, D=D)
+                row[f"prepare_fwd_ms_{inv}"] = timeit(jax.jit(p_inv), q, k, v, g, beta)
+                row[f"prepare_fwd_bwd_ms_{inv}"] = timeit(
+                    jax.jit(jax.grad(lambda *a: sq(p_inv(*a)), argnums=range(5))), q, k, v, g, beta)
+                # how far its U~ and W move from the full-precision ones (bf16 outputs: ~4e-3 is rounding)
+                got = jax.jit(p_inv)(q, k, v, g, beta)
+                row[f"prepare_rel_err_{inv}"] = max(
+                    float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                          / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(got[:2], ci[:2]))
             default = scan_mod.NUM_STAGES
             for ns in STAGE_SWEEP:  # the scan kernels' load pipelining depth
                 scan_mod.NUM_STAGES = ns
@@ -199,12 +216,12 @@ def report(out_dir, *parts):
         lines.append("")
     if stages:
         keys = ("prepare_fwd_ms", "prepare_fwd_bwd_ms", "scan_fwd_ms", "scan_fwd_bwd_ms")
-        keys += tuple(sorted({k for r in stages for k in r if k.startswith("scan_") and k not in keys}))
+        keys += tuple(sorted({k for r in stages for k in r if k.startswith(("scan_", "prepare_")) and k not in keys}))
         lines += ["## ours-pallas by stage, ms (intra-chunk prepare in XLA, inter-chunk scan in Pallas)", "",
                   "| B, T, H, D | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in stages:
             lines.append(f"| {r['B']}, {r['T']}, {r['H']}, {r['D']} | "
-                         + " | ".join(f"{r[k]:.3f}" if k in r else "err" for k in keys) + " |")
+                         + " | ".join(f"{r[k]:.3g}" if k in r else "err" for k in keys) + " |")
         lines.append("")
     errs = [r for r in rows + stages if "error" in r]
     if errs:

@@ -98,32 +98,45 @@ class ChunkInputs(NamedTuple):
     gamma: jax.Array
 
 
-def _mm(a, b):
-    # Full float32 products: the UT transform feeds the whole chunk, TF32 rounding here would show downstream.
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+# Products of the inverse: full float32 by default (the UT transform feeds the whole chunk, TF32 rounding would
+# show downstream). The other names are XLA's multi-pass algorithms on bf16 / TF32 tensor cores, for benchmarks
+# (`bench_gdn.py stages`, GDN_INV_SWEEP); float64 always runs at full precision.
+INV_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
+                  "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+                  "bf16x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+                  "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
-def unit_lower_inverse(a: jax.Array, leaf: int = 16) -> jax.Array:
+def _mm(a, b, inv_precision="highest"):
+    if a.dtype != jnp.float32:
+        inv_precision = "highest"
+    if inv_precision not in INV_PRECISIONS:
+        raise ValueError(f"inv_precision must be one of {tuple(INV_PRECISIONS)}; got {inv_precision!r}")
+    return jnp.matmul(a, b, precision=INV_PRECISIONS[inv_precision])
+
+
+def unit_lower_inverse(a: jax.Array, leaf: int = 16, inv_precision: str = "highest") -> jax.Array:
     """(I + a)^-1 for strictly lower-triangular a [... c c], by matmuls only (no serial triangular solve).
 
     Blocks of ``leaf`` rows use the nilpotent series (I + a)^-1 = sum_n (-a)^n, summed by repeated squaring;
     larger sizes halve recursively: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]].
     Batched GPU triangular solves of many tiny matrices are slow; these matmuls are not.
     """
+    mm = functools.partial(_mm, inv_precision=inv_precision)
     c = a.shape[-1]
     if c <= leaf or c % 2:
         n = -a
         inv = jnp.eye(c, dtype=a.dtype) + n
         p, span = n, 2
         while span < c:  # after the step with power 2^i the sum holds every power below 2^(i+1)
-            p = _mm(p, p)
-            inv = inv + _mm(inv, p)
+            p = mm(p, p)
+            inv = inv + mm(inv, p)
             span *= 2
         return inv
     h = c // 2
-    x11 = unit_lower_inverse(a[..., :h, :h], leaf)
-    x22 = unit_lower_inverse(a[..., h:, h:], leaf)
-    x21 = -_mm(x22, _mm(a[..., h:, :h], x11))
+    x11 = unit_lower_inverse(a[..., :h, :h], leaf, inv_precision)
+    x22 = unit_lower_inverse(a[..., h:, h:], leaf, inv_precision)
+    x21 = -mm(x22, mm(a[..., h:, :h], x11))
     top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
 
@@ -140,8 +153,8 @@ def chunk_matmul(spec: str, x: jax.Array, y: jax.Array, *, mm_dtype, acc) -> jax
 _SOLVE = "...ij,...jm->...im"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None, inv_precision="highest"):
     """(T rhs_v, T rhs_k) with T = (I + a)^-1, for strictly lower-triangular a [... c c] (the UT transform).
 
     T itself is always formed at full precision (``unit_lower_inverse``); ``mm_dtype`` sets the operands of
@@ -149,18 +162,19 @@ def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None):
     the matmul recursion: with sol = T rhs,
         d rhs = T^T d sol,    d a = -strict_lower(sum over both right-hand sides of d rhs sol^T)
     (from dT = -T da T): a few products in place of the adjoint of every product of the recursion.
+    inv_precision: products of the inverse (``INV_PRECISIONS``).
     """
-    return _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype)[0]
+    return _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inv_precision)[0]
 
 
-def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype):
-    t_inv = unit_lower_inverse(a)
+def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inv_precision):
+    t_inv = unit_lower_inverse(a, inv_precision=inv_precision)
     mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=a.dtype)
     u, w = mm(_SOLVE, t_inv, rhs_v), mm(_SOLVE, t_inv, rhs_k)
     return (u, w), (t_inv, u, w)
 
 
-def _ut_solve_bwd(mm_dtype, res, cot):
+def _ut_solve_bwd(mm_dtype, inv_precision, res, cot):
     t_inv, u, w = res
     du, dw = cot
     mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=t_inv.dtype)
@@ -176,13 +190,15 @@ def _ut_solve_bwd(mm_dtype, res, cot):
 ut_solve.defvjp(_ut_solve_fwd, _ut_solve_bwd)
 
 
-def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, out_dtype=None) -> ChunkInputs:
+def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, out_dtype=None,
+                  inv_precision="highest") -> ChunkInputs:
     """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c.
 
     mm_dtype: operand dtype of the products (``chunk_matmul``): None = full precision in the state dtype;
       bfloat16 = bf16 operands with float32 accumulation (the masks, decays and the inverse stay float32).
     out_dtype: dtype of the returned arrays other than gamma (default: the state dtype); bf16 halves what the
       scan kernels read.
+    inv_precision: products inside the float32 inverse (``INV_PRECISIONS``; default full float32).
     """
     b, t, h, dk = q.shape
     c = chunk_size
@@ -215,7 +231,8 @@ def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, 
     kk = mm("bhnik,bhnjk->bhnij", k, k)
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     a = jnp.where(strict, beta[..., :, None] * dec * kk, 0.0)  # [b h n c c]
-    u_tilde, w = ut_solve(a, beta[..., None] * v.astype(cd), (beta * gam_t)[..., None] * k.astype(cd), mm_dtype)
+    u_tilde, w = ut_solve(a, beta[..., None] * v.astype(cd), (beta * gam_t)[..., None] * k.astype(cd), mm_dtype,
+                          inv_precision)
     q_hat = (scale * gam_t)[..., None] * q.astype(cd)
     p = scale * mm("bhnik,bhnjk->bhnij", q, k) * dec
     return ChunkInputs(*(x.astype(od) for x in (u_tilde, w, q_hat, p, k_dec)), gam_t[..., -1])
@@ -329,10 +346,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl == "xla":
         o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     else:
-        from kernels_pallas.gated_delta_rule import chunk_scan_pallas  # the kernels load only when asked for
-
+        # The kernels load only when asked for.
         if jax.default_backend() == "tpu":  # the Mosaic TPU kernel; checked in the TPU interpreter only (no TPU here)
             from kernels_pallas.gated_delta_rule.chunk_scan_tpu import chunk_scan_pallas_tpu as chunk_scan_pallas
+        else:
+            from kernels_pallas.gated_delta_rule import chunk_scan_pallas
         scan = functools.partial(chunk_scan_pallas, mm_dtype=q.dtype)
         # bf16 models: bf16 operands and bf16 chunk inputs for the kernels, float32 state and accumulation.
         low = jnp.dtype(q.dtype) == jnp.bfloat16
