@@ -21,6 +21,7 @@ SLOW_FILES = (
     "tests/training/test_multiprocess.py",
     "tests/test_generate_evaluate.py",
     "tests/chimera/test_chimera_lm.py",
+    "tests/workflow/test_bench_train.py",
 )
 
 
