@@ -73,15 +73,13 @@ def test_remat_prepare_follows_block_remat(monkeypatch):
     real = gated_deltanet.gdr_op.gated_delta_rule
     monkeypatch.setattr(gated_deltanet.gdr_op, "gated_delta_rule",
                         lambda *a, **kw: seen.append(kw["remat_prepare"]) or real(*a, **kw))
-    x = rc.inputs(16, 1, 6).astype(jnp.float32)
-    for remat, choice, want in [("none", "auto", True), ("full", "auto", False), ("dots", "auto", True),
-                                ("full", "on", True), ("none", "off", False)]:
-        cfg = ml_collections.ConfigDict(_cfg(remat_prepare=choice))
-        cfg.remat = remat
-        cfg.dtype = cfg.param_dtype = "float32"
-        mod = gated_deltanet.GatedDeltaNet(ml_collections.FrozenConfigDict(cfg))
-        mod.init(jax.random.key(0), x)
-        assert seen[-1] is want, (remat, choice)
-    bad = _cfg(remat_prepare="yes")
-    with pytest.raises(ValueError, match="model.gdn.remat_prepare"):
-        gated_deltanet.GatedDeltaNet(bad).init(jax.random.key(0), x)
+    with jax.enable_x64(True):
+        x = rc.inputs(16, 1, 6)
+        for remat, choice, want in [("none", "auto", True), ("full", "auto", False), ("dots", "auto", True),
+                                    ("full", "on", True), ("none", "off", False)]:
+            cfg = ml_collections.ConfigDict(_cfg(remat_prepare=choice))
+            cfg.remat = remat
+            gated_deltanet.GatedDeltaNet(ml_collections.FrozenConfigDict(cfg)).init(jax.random.key(0), x)
+            assert seen[-1] is want, (remat, choice)
+        with pytest.raises(ValueError, match="model.gdn.remat_prepare"):
+            gated_deltanet.GatedDeltaNet(_cfg(remat_prepare="yes")).init(jax.random.key(0), x)
