@@ -54,6 +54,9 @@ def bench_jax(path):
         # The same with the intra-chunk intermediates kept from forward to backward (more memory, no recompute).
         "ours-pallas-keep": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
                                                                    remat_prepare=False)[0],
+        # Recompute the intra-chunk part but keep its float32 inverse (one [b h n c c] array).
+        "ours-pallas-saveinv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                      remat_prepare="save_inverse")[0],
         "ours-xla": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="xla")[0],
     }
     try:

@@ -40,8 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
       parallel path (decode always uses the token-by-token step).
     dt_min, dt_max: range of the log-uniform initial step (softplus(dt_bias)).
     a_init_min, a_init_max: range of the uniform initial decay rate exp(A_log).
-    remat_prepare: 'auto' | 'on' | 'off': recompute the op's intra-chunk part in its backward
-      (``gated_delta_rule``'s flag). 'auto': on, unless the model rematerialises whole blocks (``model.remat = 'full'``): the block's backward already
+    remat_prepare: 'auto' | 'on' | 'off' | 'save_inverse': recompute the op's intra-chunk part in its backward
+      (``gated_delta_rule``'s flag; 'save_inverse' keeps the float32 inverse and recomputes the rest). 'auto': on,
+      unless the model rematerialises whole blocks (``model.remat = 'full'``): the block's backward already
       reruns the op's forward, and a second prepare pass there would buy no memory.
     """
     return ml_collections.ConfigDict(dict(num_heads=4, head_dim=64, expand_v=1.0, conv_width=4, chunk_size=64,
@@ -89,14 +90,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)
 
 
-def remat_prepare(cfg) -> bool:
+def remat_prepare(cfg) -> bool | str:
     """The op's ``remat_prepare`` for this model config (see ``remat_prepare`` in the layer's config)."""
     choice = cfg.gdn.get("remat_prepare", "auto")
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"model.gdn.remat_prepare must be 'auto', 'on' or 'off'; got {choice!r}")
+    if choice not in ("auto", "on", "off", "save_inverse"):
+        raise ValueError(f"model.gdn.remat_prepare must be 'auto', 'on', 'off' or 'save_inverse'; got {choice!r}")
     if choice == "auto":
         return cfg.get("remat", "none") != "full"
-    return choice == "on"
+    return choice if choice == "save_inverse" else choice == "on"
 
 
 class GatedDeltaNet(nn.Module):

@@ -29,12 +29,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from chimera_jax.ops.common import resets as _resets, state_dtype as _state_dtype
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "pallas", "xla", "reference")
+REMAT_PREPARE = (True, False, "save_inverse")
+UT_INVERSE = "gdn_ut_inverse"  # checkpoint name of the UT transform's inverse
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids):
@@ -168,7 +171,8 @@ def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None, in
 
 
 def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inv_precision):
-    t_inv = unit_lower_inverse(a, inv_precision=inv_precision)
+    # Named so that a rematerialised prepare can keep it (remat_prepare="save_inverse").
+    t_inv = checkpoint_name(unit_lower_inverse(a, inv_precision=inv_precision), UT_INVERSE)
     mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=a.dtype)
     u, w = mm(_SOLVE, t_inv, rhs_v), mm(_SOLVE, t_inv, rhs_k)
     return (u, w), (t_inv, u, w)
@@ -268,9 +272,11 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale, initial_state=None, seg
     """Chunkwise form; ``scan`` is the serial inter-chunk part (defaults to ``chunk_scan_xla``), ``prepare`` the
     intra-chunk part (defaults to ``chunk_prepare``).
 
-    remat_prepare: recompute the intra-chunk part in the backward pass instead of keeping its float32
+    remat_prepare: True: recompute the intra-chunk part in the backward pass instead of keeping its float32
       intermediates (about ten [b h n c c] / [b h n c k] arrays per layer) alive from forward to backward. They
       are what kept a 24-layer, 1.3B Gated DeltaNet from fitting in 80 GB; the price is one more prepare pass.
+      "save_inverse": the same, but the float32 inverse T [b h n c c] (one array, the matmul recursion that is
+      the prepare's costliest part) is kept and only the rest is recomputed. False: keep everything.
     """
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -283,7 +289,11 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale, initial_state=None, seg
     seg_ = _pad_time(segment_ids, pad, mode="edge")
     reset = _resets(seg_, b, t + pad)
     prep = functools.partial(prepare or chunk_prepare, scale=scale, chunk_size=c)
-    if remat_prepare:
+    if remat_prepare not in REMAT_PREPARE:
+        raise ValueError(f"remat_prepare must be one of {REMAT_PREPARE}; got {remat_prepare!r}")
+    if remat_prepare == "save_inverse":
+        prep = jax.checkpoint(prep, policy=jax.checkpoint_policies.save_only_these_names(UT_INVERSE))
+    elif remat_prepare:
         prep = jax.checkpoint(prep)
     ci = prep(q_, k_, v_, g_, beta_, reset)
     s0 = jnp.zeros((b, h, dk, dv), sd) if initial_state is None else initial_state.astype(sd)
@@ -319,8 +329,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       segment_ids: [b t] int; where the id changes between t-1 and t the state restarts from zero.
       impl: "auto" | "pallas" | "xla" | "reference".
       chunk_size: tokens per chunk of the chunkwise forms.
-      remat_prepare: chunkwise forms recompute their intra-chunk part in the backward pass (less memory, one
-        more pass; see ``gated_delta_rule_chunked``).
+      remat_prepare: True | False | "save_inverse": chunkwise forms recompute their intra-chunk part in the
+        backward pass (less memory, one more pass), or all of it but the inverse (``gated_delta_rule_chunked``).
     Returns:
       (o [b t h v] in q.dtype, final_state or None)
     """

@@ -76,10 +76,11 @@ def test_remat_prepare_follows_block_remat(monkeypatch):
     with jax.enable_x64(True):
         x = rc.inputs(16, 1, 6)
         for remat, choice, want in [("none", "auto", True), ("full", "auto", False), ("dots", "auto", True),
-                                    ("full", "on", True), ("none", "off", False)]:
+                                    ("full", "on", True), ("none", "off", False),
+                                    ("none", "save_inverse", "save_inverse")]:
             cfg = ml_collections.ConfigDict(_cfg(remat_prepare=choice))
             cfg.remat = remat
             gated_deltanet.GatedDeltaNet(ml_collections.FrozenConfigDict(cfg)).init(jax.random.key(0), x)
-            assert seen[-1] is want, (remat, choice)
+            assert seen[-1] == want and type(seen[-1]) is type(want), (remat, choice)
         with pytest.raises(ValueError, match="model.gdn.remat_prepare"):
             gated_deltanet.GatedDeltaNet(_cfg(remat_prepare="yes")).init(jax.random.key(0), x)

@@ -158,3 +158,28 @@ def test_inverse_precision_variants():
     with jax.enable_x64(True):
         a64 = a.astype(jnp.float64)
         np.testing.assert_array_equal(unit_lower_inverse(a64, inv_precision="bf16x3"), unit_lower_inverse(a64))
+
+
+def test_remat_prepare_modes_agree_and_save_inverse_skips_its_recompute():
+    """remat_prepare True / False / "save_inverse" give the same values and gradients (float64); under
+    "save_inverse" the backward recomputes the prepare without the inverse's matmul recursion (fewer products
+    in the gradient's program than with True); a bad value names the argument."""
+    with jax.enable_x64(True):
+        q, k, v, g, beta, s0 = _inputs(jax.random.key(11), 1, 40, 2, 8, 8)
+
+        def loss(mode):
+            def f(q, k, v, g, beta):
+                o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s0, impl="xla", chunk_size=16,
+                                        remat_prepare=mode)
+                return jnp.sum(jnp.sin(o))
+            return f
+
+        grads = {m: jax.grad(loss(m), argnums=range(5))(q, k, v, g, beta) for m in (True, False, "save_inverse")}
+        for m in (False, "save_inverse"):
+            for a, b in zip(grads[m], grads[True]):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        dots = {m: str(jax.make_jaxpr(jax.grad(loss(m), argnums=range(5)))(q, k, v, g, beta)).count("dot_general")
+                for m in (True, "save_inverse")}
+        assert dots["save_inverse"] < dots[True], dots
+        with pytest.raises(ValueError, match="remat_prepare"):
+            gated_delta_rule(q, k, v, g, beta, impl="xla", remat_prepare="sometimes")
