@@ -85,6 +85,13 @@ def bench_jax(path):
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(row, flush=True)
             rows.append(row)
+    _dump_jax(path, rows)
+
+
+def _dump_jax(path, rows):
+    """A jax run's rows with the device and versions, as JSON for ``report``."""
+    import jax
+
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
     json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
 
@@ -121,6 +128,7 @@ def bench_stages(path):
 
     sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
     rows = []
+    default = scan_mod.NUM_STAGES
     for (B, T, H, D) in SHAPES:
         q, k, v, g, beta = _inputs_jax(B, T, H, D)
         reset = resets(None, B, T)
@@ -144,20 +152,19 @@ def bench_stages(path):
                 row[f"prepare_rel_err_{inv}"] = max(
                     float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
                           / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(got[:2], ci[:2]))
-            default = scan_mod.NUM_STAGES
             for ns in STAGE_SWEEP:  # the scan kernels' load pipelining depth
                 scan_mod.NUM_STAGES = ns
                 sfx = "" if ns == default else f"_ns{ns}"
                 f = lambda ci, s0: scan(ci, s0)  # a fresh function: traced again with this depth
                 row["scan_fwd_ms" + sfx] = timeit(jax.jit(f), ci, s0)
                 row["scan_fwd_bwd_ms" + sfx] = timeit(jax.jit(jax.grad(lambda ci, s0: sq(f(ci, s0)[0]))), ci, s0)
-            scan_mod.NUM_STAGES = default
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            scan_mod.NUM_STAGES = default  # the next shape (and the caller) see the kernels' own choice
         print(row, flush=True)
         rows.append(row)
-    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
-    json.dump(dict(meta=meta, rows=rows), open(path, "w"), indent=1)
+    _dump_jax(path, rows)
 
 
 def bench_fla(path):

@@ -164,13 +164,8 @@ def _scan_bwd_call(w, qh, p, kd, gam, do, dst, *, c, mm_dtype, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _scan(ut, w, qh, p, kd, gam, s0, c, mm_dtype, interpret):
-    """The GPU scan as a ``custom_vjp``. Only the adjoint chain is serial: the backward kernel returns dU and
-    the chunk-end adjoints dS, and the gradients that sum over v,
-
-        dW = -dU S^T    dQ^ = dO S^T    dP = dO U^T    dKd = U dS^T    dgamma = <S, dS>
-
-    are batched XLA products over all chunks at once (from the chunk-start states S and the U the forward
-    kept), so the kernels write no per-v-block partials."""
+    """The GPU scan as a ``custom_vjp``: the kernels walk the serial chains, the gradients that sum over v are
+    batched XLA products in ``_scan_vjp_bwd`` (the module docstring has the formulas)."""
     o, st, _ = _scan_fwd_call(ut, w, qh, p, kd, gam, s0, c=c, mm_dtype=mm_dtype, interpret=interpret)
     return o, st
 
