@@ -3,7 +3,7 @@
     python experiments/bench_gdn.py jax OUT.json   # ours (pallas, xla) and jax-linear-attention, one process
     python experiments/bench_gdn.py fla OUT.json   # fla's chunk_gated_delta_rule (PyTorch + Triton)
     python experiments/bench_gdn.py stages OUT.json  # ours, by stage: intra-chunk prepare (XLA), inter-chunk scan
-                                                     # (GDN_STAGE_SWEEP, GDN_INV_SWEEP: variants to time)
+                                                     # (GDN_STAGE_SWEEP: scan variants to time)
     python experiments/bench_gdn.py report OUT_DIR A.json B.json   # merge into OUT_DIR/bench_gdn.{md,json}
 
 GDN_IMPLS=a,b limits the jax run to those implementations; GDN_PREFIX=NAME- renames them in the table (to time
@@ -19,8 +19,8 @@ import time
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (4, 4096, 32, 64), (1, 32768, 8, 128)]
 # the scan kernels' num_stages to sweep in `stages` (default: the kernels' own choice only)
 STAGE_SWEEP = [None if x == "default" else int(x) for x in os.environ.get("GDN_STAGE_SWEEP", "default").split(",")]
-# algorithms for the products inside the inverse to time in `stages` besides "highest" (e.g. "bf16x6,tf32x3")
-INV_SWEEP = [x for x in os.environ.get("GDN_INV_SWEEP", "").split(",") if x and x != "highest"]
+# warps per program of the UT inverse kernel to time in `stages` besides its default (e.g. "1,2,8")
+INV_WARPS = [int(x) for x in os.environ.get("GDN_INV_WARPS", "").split(",") if x]
 
 
 def _median(ts):
@@ -57,6 +57,11 @@ def bench_jax(path):
         # Recompute the intra-chunk part but keep its float32 inverse (one [b h n c c] array).
         "ours-pallas-saveinv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
                                                                       remat_prepare="save_inverse")[0],
+        # The UT transform's inverse by its Pallas kernel (ut_inverse="pallas"), recomputed / kept.
+        "ours-pallas-pinv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                   ut_inverse="pallas")[0],
+        "ours-pallas-keep-pinv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                        remat_prepare=False, ut_inverse="pallas")[0],
         "ours-xla": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="xla")[0],
     }
     try:
@@ -110,6 +115,17 @@ def _inputs_jax(B, T, H, D):
     return q, k, v, g, beta
 
 
+def _strict_lower_a(k, beta, c=64):
+    """A = strictly-lower(beta_i (k k^T)_ij) per chunk, [b h n c c] float32: the matrix the UT transform inverts."""
+    import jax.numpy as jnp
+
+    b, t, h, d = k.shape
+    kc = jnp.moveaxis(k.reshape(b, t // c, c, h, d), 3, 1).astype(jnp.float32)
+    bc = jnp.moveaxis(beta.reshape(b, t // c, c, h), 3, 1).astype(jnp.float32)
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
+    return jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), bc[..., :, None] * kk, 0.0)
+
+
 def bench_stages(path):
     """Where the op's time goes: the intra-chunk prepare (XLA) and the inter-chunk scan (Pallas), each forward
     and forward + backward, at the benchmark's shapes."""
@@ -118,13 +134,13 @@ def bench_stages(path):
 
     from chimera_jax.ops import gated_delta_rule as gdr
     from chimera_jax.ops.common import resets
-    from kernels_pallas.gated_delta_rule import chunk_scan as scan_mod, chunk_scan_pallas
+    from kernels_pallas.gated_delta_rule import chunk_scan as scan_mod, chunk_scan_pallas, ut_inverse
 
     timeit = functools.partial(_timeit_jax, n=20)
 
-    def prep_with(q, k, v, g, beta, *, inv_precision, reset, D):
+    def prep_with(q, k, v, g, beta, *, inverse, reset, D):
         return gdr.chunk_prepare(q, k, v, g, beta, reset, scale=D ** -0.5, chunk_size=64, mm_dtype=jnp.bfloat16,
-                                 out_dtype=jnp.bfloat16, inv_precision=inv_precision)
+                                 out_dtype=jnp.bfloat16, inverse=inverse)
 
     sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
     rows = []
@@ -132,8 +148,8 @@ def bench_stages(path):
     for (B, T, H, D) in SHAPES:
         q, k, v, g, beta = _inputs_jax(B, T, H, D)
         reset = resets(None, B, T)
-        # as the op's pallas route prepares a bf16 model's chunks: bf16 operands and outputs
-        prep = functools.partial(prep_with, inv_precision="highest", reset=reset, D=D)
+        # as the op's pallas route prepares a bf16 model's chunks: bf16 operands and outputs, the Pallas inverse
+        prep = functools.partial(prep_with, inverse="pallas", reset=reset, D=D)
         ci = jax.jit(prep)(q, k, v, g, beta)
         s0 = jnp.zeros((B, H, D, D), jnp.float32)
         scan = lambda ci, s0: chunk_scan_pallas(ci, s0, mm_dtype=jnp.bfloat16)
@@ -142,16 +158,22 @@ def bench_stages(path):
             row["prepare_fwd_ms"] = timeit(jax.jit(prep), q, k, v, g, beta)
             row["prepare_fwd_bwd_ms"] = timeit(jax.jit(jax.grad(lambda *a: sq(prep(*a)), argnums=range(5))),
                                                q, k, v, g, beta)
-            for inv in INV_SWEEP:  # other algorithms for the products inside the float32 inverse
-                p_inv = functools.partial(prep_with, inv_precision=inv, reset=reset, D=D)
-                row[f"prepare_fwd_ms_{inv}"] = timeit(jax.jit(p_inv), q, k, v, g, beta)
-                row[f"prepare_fwd_bwd_ms_{inv}"] = timeit(
-                    jax.jit(jax.grad(lambda *a: sq(p_inv(*a)), argnums=range(5))), q, k, v, g, beta)
-                # how far its U~ and W move from the full-precision ones (bf16 outputs: ~4e-3 is rounding)
-                got = jax.jit(p_inv)(q, k, v, g, beta)
-                row[f"prepare_rel_err_{inv}"] = max(
-                    float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                          / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(got[:2], ci[:2]))
+            # the same prepare with XLA's inverse (the matmul recursion), and how far its U~ and W move
+            p_xla = functools.partial(prep_with, inverse="xla", reset=reset, D=D)
+            row["prepare_fwd_ms_xlainv"] = timeit(jax.jit(p_xla), q, k, v, g, beta)
+            row["prepare_fwd_bwd_ms_xlainv"] = timeit(
+                jax.jit(jax.grad(lambda *a: sq(p_xla(*a)), argnums=range(5))), q, k, v, g, beta)
+            got = jax.jit(p_xla)(q, k, v, g, beta)
+            row["prepare_rel_diff_xlainv"] = max(
+                float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                      / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(got[:2], ci[:2]))
+            # the float32 inverse alone, on an A of the prepare's shape [b h n c c]: XLA's and the kernel
+            a = _strict_lower_a(k, beta)
+            row["inverse_ms_xla"] = timeit(jax.jit(gdr.unit_lower_inverse), a)
+            row["inverse_ms_pallas"] = timeit(ut_inverse.unit_lower_inverse_pallas, a)
+            for nw in INV_WARPS:
+                row[f"inverse_ms_pallas_w{nw}"] = timeit(
+                    functools.partial(ut_inverse.unit_lower_inverse_pallas, num_warps=nw), a)
             for ns in STAGE_SWEEP:  # the scan kernels' load pipelining depth
                 scan_mod.NUM_STAGES = ns
                 sfx = "" if ns == default else f"_ns{ns}"
@@ -226,7 +248,7 @@ def report(out_dir, *parts):
         lines.append("")
     if stages:
         keys = ("prepare_fwd_ms", "prepare_fwd_bwd_ms", "scan_fwd_ms", "scan_fwd_bwd_ms")
-        keys += tuple(sorted({k for r in stages for k in r if k.startswith(("scan_", "prepare_")) and k not in keys}))
+        keys += tuple(sorted({k for r in stages for k in r if k.startswith(("scan_", "prepare_", "inverse_")) and k not in keys}))
         lines += ["## ours-pallas by stage, ms (intra-chunk prepare in XLA, inter-chunk scan in Pallas)", "",
                   "| B, T, H, D | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in stages:

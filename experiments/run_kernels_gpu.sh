@@ -20,8 +20,8 @@ for part in ${*:-tests gdn prepare ternary}; do case $part in
       -q -rs 2>&1 | tail -40 >> $OUT/kernel_tests_gpu.txt
     tail -5 $OUT/kernel_tests_gpu.txt ;;
   gdn)
-    timeout 220 python3 experiments/bench_gdn.py jax /tmp/gdn_jax.json 2>&1 | grep -v Warning | tail -20
-    timeout 90 python3 experiments/bench_gdn.py stages /tmp/gdn_stages.json 2>&1 | grep -v Warning | tail -4
+    timeout ${JAX_TIMEOUT:-220} python3 experiments/bench_gdn.py jax /tmp/gdn_jax.json 2>&1 | grep -v Warning | tail -20
+    timeout ${STAGES_TIMEOUT:-90} python3 experiments/bench_gdn.py stages /tmp/gdn_stages.json 2>&1 | grep -v Warning | tail -4
     parts="/tmp/gdn_jax.json /tmp/gdn_stages.json"
     if [ -n "${PREV:-}" ]; then  # an earlier checkout of the package (PREV=DIR holding chimera_jax, kernels_pallas)
       GDN_IMPLS=ours-pallas GDN_PREFIX=prev- PYTHONPATH=$PREV:$PYTHONPATH timeout 120 \

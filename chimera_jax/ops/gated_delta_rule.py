@@ -101,31 +101,32 @@ class ChunkInputs(NamedTuple):
     gamma: jax.Array
 
 
-# Products of the inverse: full float32 by default (the UT transform feeds the whole chunk, TF32 rounding would
-# show downstream). The other names are XLA's multi-pass algorithms on bf16 / TF32 tensor cores, for benchmarks
-# (`bench_gdn.py stages`, GDN_INV_SWEEP); float64 always runs at full precision.
-INV_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
-                  "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
-                  "bf16x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-                  "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+def _mm(a, b):
+    # Full precision: the UT transform feeds the whole chunk, TF32 rounding would show downstream. (XLA's
+    # multi-pass bf16 / TF32 algorithms were timed here and were no faster: the inverse is bound by traffic.)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _mm(a, b, inv_precision="highest"):
-    if a.dtype != jnp.float32:
-        inv_precision = "highest"
-    if inv_precision not in INV_PRECISIONS:
-        raise ValueError(f"inv_precision must be one of {tuple(INV_PRECISIONS)}; got {inv_precision!r}")
-    return jnp.matmul(a, b, precision=INV_PRECISIONS[inv_precision])
+# Who forms T = (I + A)^-1: "xla" (the matmul recursion below) or "pallas" (one program per chunk, by 16 x 16
+# blocks kept in registers: kernels_pallas/gated_delta_rule/ut_inverse.py).
+INVERSES = ("xla", "pallas")
 
 
-def unit_lower_inverse(a: jax.Array, leaf: int = 16, inv_precision: str = "highest") -> jax.Array:
+def _unit_lower_inverse_by(a, inverse):
+    if inverse == "pallas":  # loads only when asked for
+        from kernels_pallas.gated_delta_rule.ut_inverse import unit_lower_inverse_pallas
+        return unit_lower_inverse_pallas(a)
+    return unit_lower_inverse(a)
+
+
+def unit_lower_inverse(a: jax.Array, leaf: int = 16) -> jax.Array:
     """(I + a)^-1 for strictly lower-triangular a [... c c], by matmuls only (no serial triangular solve).
 
     Blocks of ``leaf`` rows use the nilpotent series (I + a)^-1 = sum_n (-a)^n, summed by repeated squaring;
     larger sizes halve recursively: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]].
     Batched GPU triangular solves of many tiny matrices are slow; these matmuls are not.
     """
-    mm = functools.partial(_mm, inv_precision=inv_precision)
+    mm = _mm
     c = a.shape[-1]
     if c <= leaf or c % 2:
         n = -a
@@ -137,8 +138,8 @@ def unit_lower_inverse(a: jax.Array, leaf: int = 16, inv_precision: str = "highe
             span *= 2
         return inv
     h = c // 2
-    x11 = unit_lower_inverse(a[..., :h, :h], leaf, inv_precision)
-    x22 = unit_lower_inverse(a[..., h:, h:], leaf, inv_precision)
+    x11 = unit_lower_inverse(a[..., :h, :h], leaf)
+    x22 = unit_lower_inverse(a[..., h:, h:], leaf)
     x21 = -mm(x22, mm(a[..., h:, :h], x11))
     top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
@@ -157,28 +158,29 @@ _SOLVE = "...ij,...jm->...im"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None, inv_precision="highest"):
+def ut_solve(a: jax.Array, rhs_v: jax.Array, rhs_k: jax.Array, mm_dtype=None, inverse="xla"):
     """(T rhs_v, T rhs_k) with T = (I + a)^-1, for strictly lower-triangular a [... c c] (the UT transform).
 
-    T itself is always formed at full precision (``unit_lower_inverse``); ``mm_dtype`` sets the operands of
+    T itself is always formed at full precision (``unit_lower_inverse``, or its Pallas kernel with
+    ``inverse="pallas"``: ``INVERSES``); ``mm_dtype`` sets the operands of
     the products with it (``chunk_matmul``). The gradient is written in closed form instead of differentiating
     the matmul recursion: with sol = T rhs,
         d rhs = T^T d sol,    d a = -strict_lower(sum over both right-hand sides of d rhs sol^T)
     (from dT = -T da T): a few products in place of the adjoint of every product of the recursion.
-    inv_precision: products of the inverse (``INV_PRECISIONS``).
+    The gradient never looks at how T was formed, so both ways of forming it share it.
     """
-    return _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inv_precision)[0]
+    return _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inverse)[0]
 
 
-def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inv_precision):
+def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inverse):
     # Named so that a rematerialised prepare can keep it (remat_prepare="save_inverse").
-    t_inv = checkpoint_name(unit_lower_inverse(a, inv_precision=inv_precision), UT_INVERSE)
+    t_inv = checkpoint_name(_unit_lower_inverse_by(a, inverse), UT_INVERSE)
     mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=a.dtype)
     u, w = mm(_SOLVE, t_inv, rhs_v), mm(_SOLVE, t_inv, rhs_k)
     return (u, w), (t_inv, u, w)
 
 
-def _ut_solve_bwd(mm_dtype, inv_precision, res, cot):
+def _ut_solve_bwd(mm_dtype, inverse, res, cot):
     t_inv, u, w = res
     du, dw = cot
     mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=t_inv.dtype)
@@ -195,15 +197,17 @@ ut_solve.defvjp(_ut_solve_fwd, _ut_solve_bwd)
 
 
 def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, out_dtype=None,
-                  inv_precision="highest") -> ChunkInputs:
+                  inverse="xla") -> ChunkInputs:
     """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c.
 
     mm_dtype: operand dtype of the products (``chunk_matmul``): None = full precision in the state dtype;
       bfloat16 = bf16 operands with float32 accumulation (the masks, decays and the inverse stay float32).
     out_dtype: dtype of the returned arrays other than gamma (default: the state dtype); bf16 halves what the
       scan kernels read.
-    inv_precision: products inside the float32 inverse (``INV_PRECISIONS``; default full float32).
+    inverse: who forms the float32 inverse of the UT transform (``INVERSES``).
     """
+    if inverse not in INVERSES:
+        raise ValueError(f"inverse must be one of {INVERSES}; got {inverse!r}")
     b, t, h, dk = q.shape
     c = chunk_size
     n = t // c
@@ -236,7 +240,7 @@ def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, 
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     a = jnp.where(strict, beta[..., :, None] * dec * kk, 0.0)  # [b h n c c]
     u_tilde, w = ut_solve(a, beta[..., None] * v.astype(cd), (beta * gam_t)[..., None] * k.astype(cd), mm_dtype,
-                          inv_precision)
+                          inverse)
     q_hat = (scale * gam_t)[..., None] * q.astype(cd)
     p = scale * mm("bhnik,bhnjk->bhnij", q, k) * dec
     return ChunkInputs(*(x.astype(od) for x in (u_tilde, w, q_hat, p, k_dec)), gam_t[..., -1])
@@ -318,7 +322,7 @@ def _pallas_supported(q, v, chunk_size) -> str | None:
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     segment_ids=None, impl="auto", chunk_size=64, remat_prepare=True):
+                     segment_ids=None, impl="auto", chunk_size=64, remat_prepare=True, ut_inverse="xla"):
     """Gated delta rule over [b t h k] inputs (fla's ``chunk_gated_delta_rule`` layout and meaning).
 
     Args:
@@ -331,11 +335,16 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       chunk_size: tokens per chunk of the chunkwise forms.
       remat_prepare: True | False | "save_inverse": chunkwise forms recompute their intra-chunk part in the
         backward pass (less memory, one more pass), or all of it but the inverse (``gated_delta_rule_chunked``).
+      ut_inverse: "xla" | "pallas": who forms the UT transform's inverse on the pallas route (``INVERSES``).
+        "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``: tested in the
+        interpreter, not yet timed on a GPU, hence opt-in. The xla route is XLA's throughout.
     Returns:
       (o [b t h v] in q.dtype, final_state or None)
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if ut_inverse not in INVERSES:
+        raise ValueError(f"ut_inverse must be one of {INVERSES}; got {ut_inverse!r}")
     _check(q, k, v, g, beta, initial_state, segment_ids)
     if g is None:
         g = jnp.zeros(beta.shape, jnp.float32)
@@ -364,7 +373,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         scan = functools.partial(chunk_scan_pallas, mm_dtype=q.dtype)
         # bf16 models: bf16 operands and bf16 chunk inputs for the kernels, float32 state and accumulation.
         low = jnp.dtype(q.dtype) == jnp.bfloat16
+        # The UT inverse kernel is a Triton one (GPUs, and the interpreter on CPU): TPUs keep XLA's.
+        inverse = "xla" if jax.default_backend() == "tpu" else ut_inverse
         prepare = functools.partial(chunk_prepare, mm_dtype=q.dtype if low else None,
-                                    out_dtype=q.dtype if low else None)
+                                    out_dtype=q.dtype if low else None, inverse=inverse)
         o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, prepare=prepare, **kw)
     return o, (s if output_final_state else None)

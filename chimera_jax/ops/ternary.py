@@ -126,12 +126,21 @@ def ternary_matmul_xla(x, tw, *, activations="bf16"):
     return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
 
 
-def _pallas_supported(x, tw) -> str | None:
+# Rows up to which "auto" picks the Pallas kernels for bf16 activations. Past it XLA's bf16 dot of the unpacked
+# weights wins: on an H100 the general kernel took 0.27-0.29x XLA's time at m = 4096 against 1.01-1.06x at m = 64
+# (experiments/results/bench_ternary.md); unpacking first costs a pass over the bf16 weights (~0.1 ms at 8192 x 8192,
+# next to XLA's 0.87 ms dot). int8 activations keep the kernel: XLA's int8 form materialises per-group partial sums.
+PALLAS_MAX_M = 64
+
+
+def _pallas_supported(x, tw, activations="bf16") -> str | None:
     if jax.default_backend() != "gpu":
         return f"backend {jax.default_backend()!r} is not a GPU"
     k, n = tw.shape
     if n % 64:
         return f"n={n} is not a multiple of 64"
+    if activations == "bf16" and x.shape[0] > PALLAS_MAX_M:
+        return f"m={x.shape[0]} > {PALLAS_MAX_M}: XLA's bf16 dot of the unpacked weights is faster there"
     return None
 
 
@@ -141,7 +150,7 @@ def ternary_matmul(x: jax.Array, tw: TernaryWeight, *, impl: str = "auto", activ
     _check(x, tw, activations, impl)
     out_dtype = out_dtype or x.dtype
     if impl == "auto":
-        why = _pallas_supported(x, tw)
+        why = _pallas_supported(x, tw, activations)
         if why is None:
             impl = "pallas"
         else:

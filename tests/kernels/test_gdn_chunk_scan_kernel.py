@@ -27,11 +27,12 @@ def _rel(a, b):
     return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def _run(impl, seg, c, in_dtype):
+def _run(impl, seg, c, in_dtype, ut_inverse="xla"):
     def f(q, k, v, g, beta, s0):
         cast = lambda x: x.astype(in_dtype)
         o, s = gated_delta_rule(cast(q), cast(k), cast(v), g, cast(beta), initial_state=s0,
-                                output_final_state=True, segment_ids=seg, impl=impl, chunk_size=c)
+                                output_final_state=True, segment_ids=seg, impl=impl, chunk_size=c,
+                                ut_inverse=ut_inverse)
         return o, s
     return f
 
@@ -40,16 +41,17 @@ def _loss(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a)[0].astype(a[0].dtype))) + jnp.sum(jnp.cos(f(*a)[1]))
 
 
-def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed):
+def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed, ut_inverse="xla"):
     q, k, v, g, beta, s0 = _inputs(jax.random.key(t + d), b, t, h, d, comp_dtype)
     seg = None
     if packed:
         seg = jnp.asarray(np.repeat(np.arange(1, 5), -(-t // 4))[None, :t].repeat(b, 0))
         seg = seg.at[0, : t // 3].set(9)  # boundaries off the chunk edges, different per row
-    got = _run("pallas", seg, c, in_dtype)(q, k, v, g, beta, s0)
+    got = _run("pallas", seg, c, in_dtype, ut_inverse)(q, k, v, g, beta, s0)
     ref = _run("reference", seg, c, comp_dtype)(q, k, v, g, beta, s0)
     assert _rel(got[0], ref[0]) < tol and _rel(got[1], ref[1]) < tol
-    gg = jax.jit(jax.grad(_loss(_run("pallas", seg, c, in_dtype)), argnums=range(6)))(q, k, v, g, beta, s0)
+    gg = jax.jit(jax.grad(_loss(_run("pallas", seg, c, in_dtype, ut_inverse)), argnums=range(6)))(
+        q, k, v, g, beta, s0)
     gr = jax.jit(jax.grad(_loss(_run("reference", seg, c, comp_dtype)), argnums=range(6)))(q, k, v, g, beta, s0)
     for name, a, r in zip("q k v g beta initial_state".split(), gg, gr):
         assert not bool(jnp.isnan(a).any()), name
@@ -57,17 +59,20 @@ def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed):
 
 
 @pytest.mark.skipif(ON_GPU, reason="float64 interpreter check; the GPU runs the native cases below")
-@pytest.mark.parametrize("b,t,h,d,c,packed", [(2, 29, 2, 8, 8, True), (1, 16, 1, 16, 8, False)])
-def test_interpreted_float64(b, t, h, d, c, packed):
+@pytest.mark.parametrize("b,t,h,d,c,packed,ut_inverse", [(2, 29, 2, 8, 8, True, "xla"),
+                                                         (1, 16, 1, 16, 8, False, "xla"),
+                                                         (1, 70, 2, 8, 32, True, "pallas")])
+def test_interpreted_float64(b, t, h, d, c, packed, ut_inverse):
     with jax.enable_x64(True):
-        _check(b, t, h, d, c, jnp.float64, jnp.float64, 1e-10, packed)
+        _check(b, t, h, d, c, jnp.float64, jnp.float64, 1e-10, packed, ut_inverse)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="native kernel needs a GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("in_dtype,tol", [("float32", 2e-3), ("bfloat16", 3e-2)])
-def test_native_gpu(d, in_dtype, tol):
-    _check(2, 300, 2, d, 64, jnp.dtype(in_dtype), jnp.float32, tol, True)
+@pytest.mark.parametrize("ut_inverse", ["xla", "pallas"])
+def test_native_gpu(d, in_dtype, tol, ut_inverse):
+    _check(2, 300, 2, d, 64, jnp.dtype(in_dtype), jnp.float32, tol, True, ut_inverse)
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpreter check of the bf16 path; the GPU runs it natively above")

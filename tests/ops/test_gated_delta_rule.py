@@ -143,21 +143,13 @@ def test_ut_solve_closed_form_gradient_matches_autodiff():
         np.testing.assert_allclose(ut_solve(a, rv, rk)[0], jnp.linalg.solve(jnp.eye(c) + a, rv), rtol=1e-10)
 
 
-def test_inverse_precision_variants():
-    """unit_lower_inverse with XLA's multi-pass bf16 algorithm stays near the full-float32 inverse; a bad name
-    is named in the error; float64 ignores the setting (always full precision)."""
-    from chimera_jax.ops.gated_delta_rule import unit_lower_inverse
+def test_chunk_prepare_names_a_bad_inverse():
+    from chimera_jax.ops.gated_delta_rule import chunk_prepare
 
-    a = jnp.tril(jax.random.normal(jax.random.key(3), (4, 64, 64), jnp.float32) * 0.1, -1)
-    want = unit_lower_inverse(a)
-    np.testing.assert_allclose(want @ (jnp.eye(64) + a), jnp.broadcast_to(jnp.eye(64), a.shape), atol=1e-5)
-    got = unit_lower_inverse(a, inv_precision="bf16x6")
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="inv_precision"):
-        unit_lower_inverse(a, inv_precision="fast")
-    with jax.enable_x64(True):
-        a64 = a.astype(jnp.float64)
-        np.testing.assert_array_equal(unit_lower_inverse(a64, inv_precision="bf16x3"), unit_lower_inverse(a64))
+    z = jnp.zeros((1, 64, 1, 8))
+    with pytest.raises(ValueError, match="inverse"):
+        chunk_prepare(z, z, z, z[..., 0], z[..., 0], jnp.zeros((1, 64), bool), scale=1.0, chunk_size=64,
+                      inverse="cusolver")
 
 
 def test_remat_prepare_modes_agree_and_save_inverse_skips_its_recompute():

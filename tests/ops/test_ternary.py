@@ -79,3 +79,16 @@ def test_auto_falls_back_with_debug_log_and_errors_name_fields(caplog):
     with pytest.raises(ValueError, match="multiple of 128"):
         pack_ternary(jnp.ones((100, 4)))
     assert isinstance(jax.tree_util.tree_map(lambda a: a, tw), TernaryWeight)
+
+
+def test_auto_sends_large_m_bf16_to_xla_on_gpu(monkeypatch):
+    """The dispatch rule itself (no kernel runs): on a GPU, bf16 activations with m past PALLAS_MAX_M go to XLA's
+    dot, decode-sized m and int8 activations stay on the kernels."""
+    from chimera_jax.ops import ternary
+
+    monkeypatch.setattr(ternary.jax, "default_backend", lambda: "gpu")
+    tw = pack_ternary(jax.random.normal(jax.random.key(6), (128, 64)))
+    small, large = jnp.ones((ternary.PALLAS_MAX_M, 128)), jnp.ones((ternary.PALLAS_MAX_M + 1, 128))
+    assert ternary._pallas_supported(small, tw) is None
+    assert "m=65" in ternary._pallas_supported(large, tw)
+    assert ternary._pallas_supported(large, tw, "int8") is None
