@@ -45,3 +45,25 @@ def test_native_gpu_float32(num_warps):
     got = unit_lower_inverse_pallas(a, num_warps=num_warps)
     want = np.linalg.inv(np.eye(64) + np.asarray(a, np.float64))
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU compiles and runs the kernel natively above")
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_lowers_to_a_triton_kernel_for_cuda(monkeypatch):
+    """With no GPU here, check that the kernel at its real shape (c = 64, float32) lowers through Pallas to a
+    Triton module inside a cuda custom call: block shapes, ref slices and dots all pass Pallas's Triton lowering.
+    (PTX compilation happens on a GPU only; jax 0.11.2's lowering asks the device for its GPU generation, so an
+    H100's is supplied.)"""
+    import functools
+
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+    fn = jax.jit(functools.partial(unit_lower_inverse_pallas, interpret=False))
+    target = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(fn, platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+        jax.ShapeDtypeStruct((8, 64, 64), jnp.float32))
+    text = exported.mlir_module()
+    assert target in text and 'name = "gdn_ut_inverse"' in text and "num_warps = 4" in text
