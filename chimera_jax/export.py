@@ -183,6 +183,10 @@ def llama_config(model_cfg, *, bos_id: int, eos_id: int, max_positions: int) -> 
 def llama_tensors(params, model_cfg) -> dict[str, np.ndarray]:
     """chimera_jax params -> HF Llama state-dict names and layouts (torch Linear weights are [out, in])."""
     check_llama_compatible(model_cfg)
+    if model_cfg.get("scan_layers", False):  # stacked repeats -> the per-layer layout the names below index
+        from chimera_jax.models.lm import unstack_layers
+
+        params = unstack_layers(params, model_cfg)
     a = model_cfg.attention
     d, h, g, k = model_cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim
     t = {"model.embed_tokens.weight": params["embedding"]}  # [v d]

@@ -62,6 +62,10 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     m.init_std = 0.02              # embedding init
     m.ternary = False              # BitNet b1.58 projections everywhere (layers/bitlinear.py)
     m.remat = "none"               # 'none' | 'dots' | 'full' (rematerialise each block in the backward pass)
+    m.scan_layers = False          # True: one period of the pattern scanned over its repeats (jax.lax.scan):
+                                   # compile time stops growing with depth; parameters gain a leading
+                                   # [repeats] axis under 'layers' (models/lm.py: unstack_layers); no looping,
+                                   # MoE or CHIMERA layers
     m.loss_chunk = 0               # > 0: the loss takes the output head's logits this many positions at a time
                                    # (rematerialised), never holding [b t vocab] float32 logits; 0: all at once
     m.loop = lm_model.loop_config()  # looped depth (prelude / core x loops / coda); core=0: off

@@ -2,6 +2,8 @@
 
 Each block is ``x + mixer(norm(x))`` then ``x + ffn(norm(x))``; the mixer comes from the pattern code of its
 layer (``layers/registry.py``), the feed-forward is SwiGLU, MoE (every ``moe_every``-th layer) or none.
+Blocks are unrolled (``layer_i``), or with ``model.scan_layers`` one period of the pattern (``LayerUnit``) runs
+under ``nn.scan`` over its repeats, its parameters stacked under ``layers``.
 The same module runs the parallel path (training), prefill and one-token decode (sampling).
 """
 from __future__ import annotations
@@ -48,6 +50,74 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ACT_AXES), cache
 
 
+def remat_block(cfg):
+    """Block under ``model.remat``: 'full' recomputes the block in the backward pass, 'dots' keeps the outputs of
+    its matmuls (without batch dimensions) and recomputes the rest."""
+    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+    return nn.remat(Block, policy=policy, static_argnums=(5,))
+
+
+class LayerUnit(nn.Module):
+    """One period of the layer pattern (a block per code, ``block_j``): the body of the scan over layers."""
+
+    cfg: ml_collections.FrozenConfigDict
+    codes: tuple[str, ...]
+    remat: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, caches):
+        block_cls = remat_block(self.cfg) if self.remat else Block
+        new = []
+        for j, code in enumerate(self.codes):
+            x, c = block_cls(self.cfg, code, False, name=f"block_{j}")(
+                x, segment_ids, positions, None if caches is None else caches[j], self.decode)
+            new.append(c)
+        return x, (None if caches is None else tuple(new))
+
+
+def check_scannable(cfg) -> None:
+    """``model.scan_layers`` stacks the repeats of the pattern; refuse what a stack cannot express."""
+    if not cfg.get("scan_layers", False):
+        return
+    loop = cfg.get("loop")
+    if loop is not None and loop.core:
+        raise ValueError("model.scan_layers=True does not combine with looping (model.loop.core > 0)")
+    if cfg.get("moe_every", 0):
+        raise ValueError("model.scan_layers=True does not combine with MoE layers (model.moe_every > 0): their "
+                         "balancer reads per-layer loads")
+    if "CH" in cfg.pattern.split():
+        raise ValueError("model.scan_layers=True does not combine with CHIMERA router layers ('CH' in model.pattern)")
+
+
+def _period(cfg) -> tuple[tuple[str, ...], int]:
+    """(codes of one pattern period, number of repeats) of a scanned model."""
+    codes = tuple(cfg.pattern.split())
+    registry.parse_pattern(cfg.pattern, cfg.num_layers)  # validates the codes and the layer count
+    return codes, cfg.num_layers // len(codes)
+
+
+def unstack_layers(params, cfg) -> dict:
+    """Parameters of a scanned model (``layers/block_j`` with a leading [repeats] axis) in the per-layer layout
+    ``layer_i`` of an unscanned one (i = repeat * period + j); other entries unchanged."""
+    codes, reps = _period(cfg)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for r in range(reps):
+        for j in range(len(codes)):
+            out[f"layer_{r * len(codes) + j}"] = jax.tree.map(lambda a: a[r], params["layers"][f"block_{j}"])
+    return out
+
+
+def stack_layers(params, cfg) -> dict:
+    """The inverse of ``unstack_layers``: per-layer parameters into a scanned model's layout."""
+    codes, reps = _period(cfg)
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out["layers"] = {f"block_{j}": jax.tree.map(lambda *a: jnp.stack(a),
+                                                *[params[f"layer_{r * len(codes) + j}"] for r in range(reps)])
+                     for j in range(len(codes))}
+    return out
+
+
 class LM(nn.Module):
     """Decoder-only LM. ``cfg`` is the model block of the config (see configs/lm.py for every field)."""
 
@@ -73,8 +143,14 @@ class LM(nn.Module):
                 + [(i, -1) for i in range(p + c, n)])
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[Any, ...]:
-        """One cache per block application (a looped core layer has one per inference loop), in order."""
+        """One cache per block application (a looped core layer has one per inference loop), in order; a scanned
+        model (``model.scan_layers``) has one per code of the pattern, stacked over the repeats."""
         dtype = dtype or common.dtype_of(self.cfg.dtype)
+        if self.cfg.get("scan_layers", False):
+            codes, reps = _period(self.cfg)
+            one = [registry.build_mixer(c, self.cfg, None, parent=None).init_cache(batch, max_len, dtype)
+                   for c in codes]
+            return tuple(jax.tree.map(lambda a: jnp.broadcast_to(a[None], (reps,) + a.shape), c) for c in one)
         codes = self.layer_codes()
         iterations = self.cfg.loop.inference_loops if self.cfg.get("loop") else 1
         return tuple(registry.build_mixer(codes[i], self.cfg, None, parent=None).init_cache(batch, max_len, dtype)
@@ -98,10 +174,19 @@ class LM(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [b t d]
         x = nn.with_logical_constraint(x, ACT_AXES)
 
-        block_cls = Block
-        if cfg.remat != "none" and not decode and cache is None:
-            policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
-            block_cls = nn.remat(Block, policy=policy, static_argnums=(5,))
+        if cfg.get("scan_layers", False):
+            # One LayerUnit (a period of the pattern) scanned over the repeats: the compiler sees one unit's
+            # program, not num_layers copies. Every collection gets the leading [repeats] axis, named "layers".
+            check_scannable(cfg)
+            codes, reps = _period(cfg)
+            units = nn.scan(LayerUnit, variable_axes={True: 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=reps,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            remat = cfg.remat != "none" and not decode and cache is None
+            x, new_cache = units(cfg, codes, remat, decode, name="layers")(x, segment_ids, positions, cache)
+            return self._head(x, embedding, dtype, return_hidden, cache, new_cache)
+
+        block_cls = remat_block(cfg) if cfg.remat != "none" and not decode and cache is None else Block
         codes = self.layer_codes()
         blocks = [block_cls(cfg, code, uses_moe(cfg, i), name=f"layer_{i}") for i, code in enumerate(codes)]
         loop = cfg.get("loop")
@@ -134,6 +219,11 @@ class LM(nn.Module):
             x = y
             new_cache.append(layer_cache)
 
+        return self._head(x, embedding, dtype, return_hidden, cache, new_cache)
+
+    def _head(self, x, embedding, dtype, return_hidden, cache, new_cache):
+        """Final norm, then logits [b t v] float32 (or the normed hidden states with ``return_hidden``)."""
+        cfg = self.cfg
         x = common.rms_norm(cfg, name="final_norm")(x)
         if return_hidden and not self.is_initializing():
             return x, (None if cache is None else tuple(new_cache))

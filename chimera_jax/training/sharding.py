@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("state", None),
     ("conv", None),
     ("norm", None),
+    ("layers", None),  # the stacked repeats of a scanned model (model.scan_layers)
     # activations
     ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),

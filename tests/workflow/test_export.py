@@ -129,6 +129,16 @@ def test_hf_llama_layout_and_refusals(run, tmp_path):
     assert len(tensors) == 2 + 9 * c.model.num_layers + 1  # embed, final norm, per-layer 9, untied lm_head
     np.testing.assert_array_equal(tensors["model.layers.0.self_attn.k_proj.weight"],
                                   params["layer_0"]["mixer"]["k_proj"]["kernel"].reshape(c.model.d_model, -1).T)
+    # a scanned model's stacked parameters export to the same tensors
+    from chimera_jax.models.lm import stack_layers
+
+    scanned = c.copy_and_resolve_references()
+    scanned.model.scan_layers = True
+    plain, stacked = (export.llama_tensors(params, c.model),
+                      export.llama_tensors(stack_layers(params, scanned.model), scanned.model))
+    assert sorted(plain) == sorted(stacked)
+    for name in plain:
+        np.testing.assert_array_equal(stacked[name], plain[name], err_msg=name)
     griffin = micro_config("griffin")
     with pytest.raises(ValueError, match="model.pattern"):
         export.llama_tensors({}, griffin.model)
