@@ -19,6 +19,8 @@ import time
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (4, 4096, 32, 64), (1, 32768, 8, 128)]
 # the scan kernels' num_stages to sweep in `stages` (default: the kernels' own choice only)
 STAGE_SWEEP = [None if x == "default" else int(x) for x in os.environ.get("GDN_STAGE_SWEEP", "default").split(",")]
+# v-columns per scan program to time in `stages` besides the kernels' own rule (e.g. "16,32")
+VB_SWEEP = [int(x) for x in os.environ.get("GDN_VB_SWEEP", "").split(",") if x]
 # warps per program of the UT inverse kernel to time in `stages` besides its default (e.g. "1,2,8")
 INV_WARPS = [int(x) for x in os.environ.get("GDN_INV_WARPS", "").split(",") if x]
 
@@ -180,10 +182,16 @@ def bench_stages(path):
                 f = lambda ci, s0: scan(ci, s0)  # a fresh function: traced again with this depth
                 row["scan_fwd_ms" + sfx] = timeit(jax.jit(f), ci, s0)
                 row["scan_fwd_bwd_ms" + sfx] = timeit(jax.jit(jax.grad(lambda ci, s0: sq(f(ci, s0)[0]))), ci, s0)
+            for vb in VB_SWEEP:  # v-columns per program (more programs on the serial chain at small b*h)
+                scan_mod.VBLOCK = vb
+                f = lambda ci, s0: scan(ci, s0)
+                row[f"scan_fwd_ms_vb{vb}"] = timeit(jax.jit(f), ci, s0)
+                row[f"scan_fwd_bwd_ms_vb{vb}"] = timeit(jax.jit(jax.grad(lambda ci, s0: sq(f(ci, s0)[0]))), ci, s0)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             scan_mod.NUM_STAGES = default  # the next shape (and the caller) see the kernels' own choice
+            scan_mod.VBLOCK = None
         print(row, flush=True)
         rows.append(row)
     _dump_jax(path, rows)

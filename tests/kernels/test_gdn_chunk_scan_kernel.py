@@ -75,6 +75,20 @@ def test_native_gpu(d, in_dtype, tol, ut_inverse):
     _check(2, 300, 2, d, 64, jnp.dtype(in_dtype), jnp.float32, tol, True, ut_inverse)
 
 
+@pytest.mark.skipif(ON_GPU, reason="float64 interpreter check")
+def test_interpreted_float64_narrow_v_blocks(monkeypatch):
+    """The scan kernels with v split over several programs of 16 columns (chunk_scan.VBLOCK, swept by the
+    benchmark at small b*h) still match the reference, values and gradients."""
+    from kernels_pallas.gated_delta_rule import chunk_scan
+
+    monkeypatch.setattr(chunk_scan, "VBLOCK", 16)
+    with jax.enable_x64(True):
+        _check(1, 40, 2, 32, 8, jnp.float64, jnp.float64, 1e-10, True)
+    monkeypatch.setattr(chunk_scan, "VBLOCK", 24)
+    with pytest.raises(ValueError, match="VBLOCK"):
+        chunk_scan._vblock(4, 32)
+
+
 @pytest.mark.skipif(ON_GPU, reason="interpreter check of the bf16 path; the GPU runs it natively above")
 def test_interpreted_bfloat16_path():
     """bf16 inputs take the kernels' low-precision route (bf16 operands and chunk inputs, float32 state):
@@ -92,6 +106,8 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     import bench_gdn
 
     monkeypatch.setattr(bench_gdn, "SHAPES", [(1, 128, 2, 64)])
+    monkeypatch.setattr(bench_gdn, "VB_SWEEP", [16])
+    monkeypatch.setattr(bench_gdn, "INV_WARPS", [2])
     monkeypatch.setenv("GDN_IMPLS", "ours-pallas")
     bench_gdn.bench_jax(str(tmp_path / "jax.json"))
     bench_gdn.bench_stages(str(tmp_path / "stages.json"))
@@ -99,4 +115,5 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     table = (tmp_path / "bench_gdn.md").read_text()
     assert "| B, T, H, D | ours-pallas |" in table and "| 1, 128, 2, 64 | " in table
     assert "scan_fwd_bwd_ms" in table and " err |" not in table and "## errors" not in table
+    assert "scan_fwd_bwd_ms_vb16" in table and "inverse_ms_pallas_w2" in table
     del sys.modules["bench_gdn"]
