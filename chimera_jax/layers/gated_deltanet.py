@@ -44,12 +44,12 @@ def default_config() -> ml_collections.ConfigDict:
       (``gated_delta_rule``'s flag; 'save_inverse' keeps the float32 inverse and recomputes the rest). 'auto': on,
       unless the model rematerialises whole blocks (``model.remat = 'full'``): the block's backward already
       reruns the op's forward, and a second prepare pass there would buy no memory.
-    ut_inverse: 'xla' | 'pallas': who forms the UT transform's inverse on the op's pallas route
-      (``gated_delta_rule``'s flag; 'pallas' is opt-in until timed on a GPU).
+    ut_inverse: 'pallas' | 'xla': who forms the UT transform's inverse on the op's pallas route
+      (``gated_delta_rule``'s flag: the Pallas kernel by default, XLA's matmul recursion to compare).
     """
     return ml_collections.ConfigDict(dict(num_heads=4, head_dim=64, expand_v=1.0, conv_width=4, chunk_size=64,
                                           impl="auto", dt_min=0.001, dt_max=0.1, a_init_min=1.0, a_init_max=16.0,
-                                          remat_prepare="auto", ut_inverse="xla"))
+                                          remat_prepare="auto", ut_inverse="pallas"))
 
 
 @flax.struct.dataclass
@@ -162,7 +162,7 @@ class GatedDeltaNet(nn.Module):
             q, k, v.astype(dtype), g, beta, scale=dk ** -0.5,
             initial_state=None if cache is None else carried(cache.state), output_final_state=cache is not None,
             segment_ids=segment_ids, impl="reference" if decode else c.impl, chunk_size=c.chunk_size,
-            remat_prepare=remat_prepare(cfg), ut_inverse=c.get("ut_inverse", "xla"))  # [b t h v]
+            remat_prepare=remat_prepare(cfg), ut_inverse=c.get("ut_inverse", "pallas"))  # [b t h v]
 
         # Gated RMSNorm over each head's v channels, one scale vector shared by the heads.
         o = common.RMSNorm(eps=cfg.get("norm_eps", 1e-6), dtype=dtype, param_dtype=pdtype, name="o_norm")(o)

@@ -82,14 +82,13 @@ def _bwd_kernel(w_ref, qh_ref, p_ref, kd_ref, gam_ref, do_ref, dst_ref, du_ref, 
     ds0_ref[...] = ds
 
 
-# v-columns per program; None = the rule in _vblock. Benchmarks set it to sweep (GDN_VB_SWEEP in bench_gdn.py):
-# at small b*h (shape 4 of the benchmark: 8 heads, 512 chunks) 16 would double the programs on the serial chain.
+# v-columns per program; None = the rule in _vblock. Benchmarks set it to sweep (GDN_VB_SWEEP in bench_gdn.py).
 VBLOCK = None
 
 
 def _vblock(r, dv):
-    """v-columns per program: 64, or 32 when (b*h) alone gives under ~2 waves of programs on the chip; the
-    chunk chain is serial, so programs are the only parallelism left."""
+    """v-columns per program: 64, or 32 when (b*h) alone gives under ~2 waves of programs on the chip, or 16
+    under one wave; the chunk chain is serial, so programs are the only parallelism left."""
     if VBLOCK is not None:
         if dv % VBLOCK or VBLOCK < 16:
             raise ValueError(f"chunk_scan.VBLOCK = {VBLOCK} must be >= 16 and divide the value head dim {dv}")
@@ -97,6 +96,11 @@ def _vblock(r, dv):
     vb = min(dv, 64)
     if r * (dv // vb) < 264 and dv >= 64:
         vb = 32
+    if r * (dv // vb) < 132 and vb == 32:
+        # Under one program per SM even at 32 columns (e.g. b*h = 8): 16 columns doubled the programs and took
+        # the scan's forward + backward from 3.92 to 3.44 ms at (1, 32768, 8, 128) on an H100, while it was
+        # slower wherever 32 already filled the chip (experiments/results/bench_gdn.md, stage table).
+        vb = 16
     return vb
 
 

@@ -27,7 +27,7 @@ def _rel(a, b):
     return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def _run(impl, seg, c, in_dtype, ut_inverse="xla"):
+def _run(impl, seg, c, in_dtype, ut_inverse="pallas"):
     def f(q, k, v, g, beta, s0):
         cast = lambda x: x.astype(in_dtype)
         o, s = gated_delta_rule(cast(q), cast(k), cast(v), g, cast(beta), initial_state=s0,
@@ -41,7 +41,7 @@ def _loss(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a)[0].astype(a[0].dtype))) + jnp.sum(jnp.cos(f(*a)[1]))
 
 
-def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed, ut_inverse="xla"):
+def _check(b, t, h, d, c, in_dtype, comp_dtype, tol, packed, ut_inverse="pallas"):
     q, k, v, g, beta, s0 = _inputs(jax.random.key(t + d), b, t, h, d, comp_dtype)
     seg = None
     if packed:
