@@ -124,23 +124,24 @@ def unit_lower_inverse(a: jax.Array, leaf: int = 16) -> jax.Array:
 
     Blocks of ``leaf`` rows use the nilpotent series (I + a)^-1 = sum_n (-a)^n, summed by repeated squaring;
     larger sizes halve recursively: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]].
-    Batched GPU triangular solves of many tiny matrices are slow; these matmuls are not.
+    Batched GPU triangular solves of many tiny matrices are slow; these matmuls are not, but their slices and
+    concatenations cost HBM passes: the op's GPU route forms T with the blocked Pallas kernel instead
+    (``INVERSES``), and this is its reference.
     """
-    mm = _mm
     c = a.shape[-1]
     if c <= leaf or c % 2:
         n = -a
         inv = jnp.eye(c, dtype=a.dtype) + n
         p, span = n, 2
         while span < c:  # after the step with power 2^i the sum holds every power below 2^(i+1)
-            p = mm(p, p)
-            inv = inv + mm(inv, p)
+            p = _mm(p, p)
+            inv = inv + _mm(inv, p)
             span *= 2
         return inv
     h = c // 2
     x11 = unit_lower_inverse(a[..., :h, :h], leaf)
     x22 = unit_lower_inverse(a[..., h:, h:], leaf)
-    x21 = -mm(x22, mm(a[..., h:, :h], x11))
+    x21 = -_mm(x22, _mm(a[..., h:, :h], x11))
     top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
 
@@ -336,7 +337,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       remat_prepare: True | False | "save_inverse": chunkwise forms recompute their intra-chunk part in the
         backward pass (less memory, one more pass), or all of it but the inverse (``gated_delta_rule_chunked``).
       ut_inverse: "pallas" | "xla": who forms the UT transform's inverse on the pallas route (``INVERSES``).
-        "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``, 1.4-2.4x faster
+        "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``, 2.2-3.2x faster
         than XLA's recursion on an H100 (experiments/results/bench_gdn.md); TPUs and the xla route use XLA's.
     Returns:
       (o [b t h v] in q.dtype, final_state or None)

@@ -99,7 +99,7 @@ def _vblock(r, dv):
     if r * (dv // vb) < 132 and vb == 32:
         # Under one program per SM even at 32 columns (e.g. b*h = 8): 16 columns doubled the programs and took
         # the scan's forward + backward from 3.92 to 3.44 ms at (1, 32768, 8, 128) on an H100, while it was
-        # slower wherever 32 already filled the chip (experiments/results/bench_gdn.md, stage table).
+        # slower wherever 32 already filled the chip (experiments/results/bench_gdn_run7_sweep.md).
         vb = 16
     return vb
 
