@@ -128,9 +128,9 @@ def ternary_matmul_xla(x, tw, *, activations="bf16"):
 
 # Rows up to which "auto" picks the Pallas kernels for bf16 activations. Past it XLA's bf16 dot of the unpacked
 # weights wins: on an H100 the general kernel took 0.27-0.29x XLA's time at m = 4096 against 1.01-1.06x at m = 64
-# (experiments/results/bench_ternary.md); unpacking first costs a pass over the bf16 weights (an estimated ~0.1 ms
-# at 8192 x 8192, not yet timed, next to XLA's 0.87 ms dot). int8 activations keep the kernel: XLA's int8 form
-# materialises per-group partial sums.
+# (experiments/results/bench_ternary.md). With the unpack included (impl="xla") it was still 3.0-3.4x faster than
+# the kernel at m = 4096 and slower at m <= 64 (experiments/results/bench_ternary_run4.md). int8 activations keep
+# the kernel: XLA's int8 form materialises per-group partial sums.
 PALLAS_MAX_M = 64
 
 
