@@ -52,13 +52,17 @@ def bench_jax(path):
 
     timeit = _timeit_jax
     impls = {
+        # The default: the intra-chunk part differentiated in closed form, T formed again in the backward.
         "ours-pallas": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas")[0],
-        # The same with the intra-chunk intermediates kept from forward to backward (more memory, no recompute).
-        "ours-pallas-keep": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
-                                                                   remat_prepare=False)[0],
-        # Recompute the intra-chunk part but keep its float32 inverse (one [b h n c c] array).
+        # The same keeping T (one [b h n c c] bf16 array) from forward to backward.
         "ours-pallas-saveinv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
                                                                       remat_prepare="save_inverse")[0],
+        # The intra-chunk part differentiated by autodiff, its forward recomputed in the backward (the default
+        # before the closed form), and with all its intermediates kept instead.
+        "ours-pallas-autodiff": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                       prepare_vjp="autodiff")[0],
+        "ours-pallas-keep": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
+                                                                   prepare_vjp="autodiff", remat_prepare=False)[0],
         # The UT transform's inverse by XLA's matmul recursion instead of its Pallas kernel.
         "ours-pallas-xlainv": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, impl="pallas",
                                                                      ut_inverse="xla")[0],
@@ -138,9 +142,9 @@ def bench_stages(path):
 
     timeit = functools.partial(_timeit_jax, n=20)
 
-    def prep_with(q, k, v, g, beta, *, inverse, reset, D):
+    def prep_with(q, k, v, g, beta, *, inverse, reset, D, **kw):
         return gdr.chunk_prepare(q, k, v, g, beta, reset, scale=D ** -0.5, chunk_size=64, mm_dtype=jnp.bfloat16,
-                                 out_dtype=jnp.bfloat16, inverse=inverse)
+                                 out_dtype=jnp.bfloat16, inverse=inverse, **kw)
 
     sq = lambda tree: sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree))
     rows = []
@@ -158,6 +162,11 @@ def bench_stages(path):
             row["prepare_fwd_ms"] = timeit(jax.jit(prep), q, k, v, g, beta)
             row["prepare_fwd_bwd_ms"] = timeit(jax.jit(jax.grad(lambda *a: sq(prep(*a)), argnums=range(5))),
                                                q, k, v, g, beta)
+            # the closed-form backward forming T again, and autodiff's backward (no remat in any of the three)
+            for sfx, kw in (("_recompute_t", dict(keep_inverse=False)), ("_autodiff", dict(vjp="autodiff"))):
+                p_kw = functools.partial(prep_with, inverse="pallas", reset=reset, D=D, **kw)
+                row["prepare_fwd_bwd_ms" + sfx] = timeit(
+                    jax.jit(jax.grad(lambda *a: sq(p_kw(*a)), argnums=range(5))), q, k, v, g, beta)
             # the same prepare with XLA's inverse (the matmul recursion), and how far its U~ and W move
             p_xla = functools.partial(prep_with, inverse="xla", reset=reset, D=D)
             row["prepare_fwd_ms_xlainv"] = timeit(jax.jit(p_xla), q, k, v, g, beta)

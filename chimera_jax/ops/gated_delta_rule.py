@@ -197,8 +197,63 @@ def _ut_solve_bwd(mm_dtype, inverse, res, cot):
 ut_solve.defvjp(_ut_solve_fwd, _ut_solve_bwd)
 
 
+# Who differentiates the intra-chunk part: "closed_form" (``_prepare_bwd``: one hand-derived backward pass that
+# reuses T from the forward) or "autodiff" (JAX's transpose of the forward, the reference the other is tested
+# against; with ``remat_prepare`` it reruns the whole forward inside the backward).
+PREPARE_VJPS = ("closed_form", "autodiff")
+
+
+class _Intra(NamedTuple):
+    """The intra-chunk quantities both the forward and the closed-form backward form from the inputs."""
+    q: jax.Array      # [b h n c k] input dtype
+    k: jax.Array      # [b h n c k]
+    v: jax.Array      # [b h n c v]
+    beta: jax.Array   # [b h n c] compute dtype
+    dec: jax.Array    # [b h n c c] exp(G_i - G_j) where j <= i in the same document, else 0
+    gam: jax.Array    # [b h n c] exp(G_i) while no document has started in this chunk, else 0
+    e: jax.Array      # [b h n c] exp(G_last - G_j) where j is in the chunk's last document, else 0
+    kk: jax.Array     # [b h n c c] k k^T (mm products)
+
+
+def _to_chunks(x, c):
+    """[b t h ...] -> [b h n c ...] (in the input dtype: the transpose moves half the bytes for bf16)."""
+    b, t, h = x.shape[:3]
+    return jnp.moveaxis(x.reshape((b, t // c, c, h) + x.shape[3:]), 3, 1)
+
+
+def _from_chunks(x):
+    """[b h n c ...] -> [b t h ...], the inverse of ``_to_chunks``."""
+    b, h, n, c = x.shape[:4]
+    return jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
+
+
+def _intra(q, k, v, g, beta, reset, c, mm) -> _Intra:
+    b, t = reset.shape
+    cd = _state_dtype(q.dtype)
+    q, k, v = (_to_chunks(x, c) for x in (q, k, v))
+    g, beta = (_to_chunks(x, c).astype(cd) for x in (g, beta))
+    seg = jnp.cumsum(reset.reshape(b, t // c, c).astype(jnp.int32), axis=-1)[:, None]  # [b 1 n c] document index
+    same = seg[..., :, None] == seg[..., None, :]  # [b 1 n c c]: no document start in (j, i]
+    conn = same & jnp.tril(jnp.ones((c, c), bool))
+    conn0 = seg == 0  # [b 1 n c]: no document start in [0, i] of this chunk
+    conn_last = conn[..., -1, :]  # [b 1 n c]: no document start in (j, c-1]
+
+    G = jnp.cumsum(g, axis=-1)  # [b h n c]
+    # where() before exp(): the masked entries (j > i) may overflow and would poison the gradient.
+    dec = jnp.where(conn, jnp.exp(jnp.where(conn, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+    gam = jnp.where(conn0, jnp.exp(jnp.where(conn0, G, 0.0)), 0.0)
+    e = jnp.where(conn_last, jnp.exp(jnp.where(conn_last, G[..., -1:] - G, 0.0)), 0.0)
+    return _Intra(q, k, v, beta, dec, gam, e, mm("bhnik,bhnjk->bhnij", k, k))
+
+
+def _strict_a(x: _Intra):
+    """A = strictly-lower(beta_i D_ij (k k^T)_ij), the matrix of the UT transform."""
+    c = x.dec.shape[-1]
+    return jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), x.beta[..., :, None] * x.dec * x.kk, 0.0)
+
+
 def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, out_dtype=None,
-                  inverse="xla") -> ChunkInputs:
+                  inverse="xla", vjp="closed_form", keep_inverse=True) -> ChunkInputs:
     """The parallel (intra-chunk) part of the chunkwise form. Inputs [b t h .] with t a multiple of c.
 
     mm_dtype: operand dtype of the products (``chunk_matmul``): None = full precision in the state dtype;
@@ -206,45 +261,127 @@ def chunk_prepare(q, k, v, g, beta, reset, *, scale, chunk_size, mm_dtype=None, 
     out_dtype: dtype of the returned arrays other than gamma (default: the state dtype); bf16 halves what the
       scan kernels read.
     inverse: who forms the float32 inverse of the UT transform (``INVERSES``).
+    vjp: how it is differentiated (``PREPARE_VJPS``). "closed_form" keeps the inputs, U~, W (outputs anyway)
+      and, with ``keep_inverse``, T in the products' operand dtype (one [b h n c c] array, the size of P);
+      without it T is formed again in the backward.
     """
     if inverse not in INVERSES:
         raise ValueError(f"inverse must be one of {INVERSES}; got {inverse!r}")
-    b, t, h, dk = q.shape
-    c = chunk_size
-    n = t // c
+    if vjp not in PREPARE_VJPS:
+        raise ValueError(f"vjp must be one of {PREPARE_VJPS}; got {vjp!r}")
+    cfg = _PrepareCfg(float(scale), chunk_size, None if mm_dtype is None else jnp.dtype(mm_dtype).name,
+                      jnp.dtype(out_dtype or _state_dtype(q.dtype)).name, inverse, bool(keep_inverse))
+    if vjp == "autodiff":
+        return _prepare_autodiff(q, k, v, g, beta, reset, cfg)
+    return ChunkInputs(*_prepare_closed_form(q, k, v, g, beta, reset, cfg))
+
+
+class _PrepareCfg(NamedTuple):
+    """Static settings of one prepare (hashable: a non-differentiable argument of its custom_vjp)."""
+    scale: float
+    c: int
+    mm_dtype: str | None
+    out_dtype: str
+    inverse: str
+    keep_inverse: bool
+
+    def mm(self, acc):
+        return functools.partial(chunk_matmul, mm_dtype=self.mm_dtype, acc=acc)
+
+    def solve_dtype(self, cd):
+        """Operand dtype of the products with T: what T, U~ and W are kept in for the backward."""
+        return jnp.bfloat16 if self.mm_dtype is not None and jnp.dtype(self.mm_dtype) == jnp.bfloat16 else cd
+
+
+def _prepare_autodiff(q, k, v, g, beta, reset, cfg: _PrepareCfg) -> ChunkInputs:
     cd = _state_dtype(q.dtype)
-    od = cd if out_dtype is None else out_dtype
-    mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=cd)
+    x = _intra(q, k, v, g, beta, reset, cfg.c, cfg.mm(cd))
+    u_tilde, w = ut_solve(_strict_a(x), x.beta[..., None] * x.v.astype(cd),
+                          (x.beta * x.gam)[..., None] * x.k.astype(cd), cfg.mm_dtype, cfg.inverse)
+    return _outputs(x, u_tilde, w, cfg, cd)
 
-    def chunks(x):  # [b t h ...] -> [b h n c ...], in the input dtype (the transpose moves half the bytes for bf16)
-        x = x.reshape((b, n, c, h) + x.shape[3:])
-        return jnp.moveaxis(x, 3, 1)
 
-    q, k, v = (chunks(x) for x in (q, k, v))
-    g, beta = (chunks(x).astype(cd) for x in (g, beta))
-    seg = jnp.cumsum(reset.reshape(b, n, c).astype(jnp.int32), axis=-1)[:, None]  # [b 1 n c] document index
-    same = seg[..., :, None] == seg[..., None, :]  # [b 1 n c c]: no document start in (j, t]
-    causal = jnp.tril(jnp.ones((c, c), bool))
-    conn = same & causal
-    conn0 = seg == 0  # [b 1 n c]: no document start in [0, t] of this chunk
+def _outputs(x: _Intra, u_tilde, w, cfg: _PrepareCfg, cd) -> ChunkInputs:
+    q_hat = (cfg.scale * x.gam)[..., None] * x.q.astype(cd)
+    p = cfg.scale * cfg.mm(cd)("bhnik,bhnjk->bhnij", x.q, x.k) * x.dec
+    k_dec = x.e[..., None] * x.k.astype(cd)
+    od = jnp.dtype(cfg.out_dtype)
+    return ChunkInputs(*(y.astype(od) for y in (u_tilde, w, q_hat, p, k_dec)), x.gam[..., -1])
 
-    G = jnp.cumsum(g, axis=-1)  # [b h n c]
-    diff = G[..., :, None] - G[..., None, :]  # [b h n c c]
-    # where() before exp(): the masked entries (j > t) may overflow and would poison the gradient.
-    dec = jnp.where(conn, jnp.exp(jnp.where(conn, diff, 0.0)), 0.0)
-    gam_t = jnp.where(conn0, jnp.exp(G), 0.0)  # [b h n c]
-    last_diff = G[..., -1:] - G  # [b h n c]
-    conn_last = conn[..., -1, :]  # [b 1 n c]
-    k_dec = k.astype(cd) * jnp.where(conn_last, jnp.exp(jnp.where(conn_last, last_diff, 0.0)), 0.0)[..., None]
 
-    kk = mm("bhnik,bhnjk->bhnij", k, k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _prepare_closed_form(q, k, v, g, beta, reset, cfg: _PrepareCfg):
+    return _prepare_fwd(q, k, v, g, beta, reset, cfg)[0]
+
+
+def _prepare_fwd(q, k, v, g, beta, reset, cfg: _PrepareCfg):
+    cd = _state_dtype(q.dtype)
+    mm = cfg.mm(cd)
+    x = _intra(q, k, v, g, beta, reset, cfg.c, mm)
+    t_inv = _unit_lower_inverse_by(_strict_a(x), cfg.inverse)
+    u_tilde = mm(_SOLVE, t_inv, x.beta[..., None] * x.v.astype(cd))
+    w = mm(_SOLVE, t_inv, (x.beta * x.gam)[..., None] * x.k.astype(cd))
+    out = _outputs(x, u_tilde, w, cfg, cd)
+    # The backward multiplies by T, U~ and W only as operands of mm: kept in that dtype they are exact, and for a
+    # bf16 model U~ and W are then the very arrays handed to the scan (no extra memory).
+    sd = cfg.solve_dtype(cd)
+    kept_t = t_inv.astype(sd) if cfg.keep_inverse else None
+    return tuple(out), (q, k, v, g, beta, reset, kept_t, u_tilde.astype(sd), w.astype(sd))
+
+
+def _prepare_bwd(cfg: _PrepareCfg, res, cot):
+    """The intra-chunk part's vjp, derived by hand (per chunk; i the row, j the column; sums over the chunk):
+
+        d rv = T^T dU~,  d rk = T^T dW              (rv = beta v, rk = beta gam k; U~ = T rv, W = T rk)
+        dA   = -strictly-lower(d rv U~^T + d rk W^T)                       (from dT = -T dA T)
+        dKK  = beta_i D dA      dQK = scale D dP     dD = beta_i KK dA + scale QK dP     (elementwise)
+        dq   = dQK k + scale gam dQ^
+        dk   = dQK^T q + (dKK + dKK^T) k + beta gam d rk + e dKd
+        dv   = beta d rv        dbeta_i = sum_j (dA D KK)_ij + <d rv_i, v_i> + gam_i <d rk_i, k_i>
+        dG_i = sum_j (dD D)_ij - sum_j (dD D)_ji + gam_i dgam_i - e_i <dKd_i, k_i> [+ sum_j e_j <dKd_j, k_j>, i last]
+        dg   = reverse cumulative sum of dG within the chunk  (G = cumsum g)
+
+    with dgam_i = beta_i <d rk_i, k_i> + scale <dQ^_i, q_i> [+ dgamma on the last row]. One pass of a few batched
+    products and elementwise fusions, in place of autodiff's transpose of every forward op (and, with
+    ``remat_prepare``, a second forward).
+    """
+    q, k, v, g, beta, reset, kept_t, u_tilde, w = res
+    du, dw, dqh, dp, dkd, dgamma = cot
+    cd = _state_dtype(q.dtype)
+    mm = cfg.mm(cd)
+    x = _intra(q, k, v, g, beta, reset, cfg.c, mm)
+    t_inv = kept_t if kept_t is not None else _unit_lower_inverse_by(_strict_a(x), cfg.inverse)
+    c = cfg.c
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
-    a = jnp.where(strict, beta[..., :, None] * dec * kk, 0.0)  # [b h n c c]
-    u_tilde, w = ut_solve(a, beta[..., None] * v.astype(cd), (beta * gam_t)[..., None] * k.astype(cd), mm_dtype,
-                          inverse)
-    q_hat = (scale * gam_t)[..., None] * q.astype(cd)
-    p = scale * mm("bhnik,bhnjk->bhnij", q, k) * dec
-    return ChunkInputs(*(x.astype(od) for x in (u_tilde, w, q_hat, p, k_dec)), gam_t[..., -1])
+    kf, vf, qf = x.k.astype(cd), x.v.astype(cd), x.q.astype(cd)
+    dqh, dp, dkd = (y.astype(cd) for y in (dqh, dp, dkd))
+
+    drv = mm("...ji,...jm->...im", t_inv, du)  # [b h n c v]
+    drk = mm("...ji,...jm->...im", t_inv, dw)  # [b h n c k]
+    da = jnp.where(strict, -(mm("...im,...jm->...ij", drv, u_tilde) + mm("...im,...jm->...ij", drk, w)), 0.0)
+    qk = mm("bhnik,bhnjk->bhnij", x.q, x.k)
+    dkk = da * x.beta[..., :, None] * x.dec
+    dqk = cfg.scale * dp * x.dec
+    z = (da * x.beta[..., :, None] * x.kk + cfg.scale * dp * qk) * x.dec  # dD D
+
+    rk_k = jnp.sum(drk * kf, axis=-1)  # [b h n c]: <d rk_i, k_i>
+    last = jnp.arange(c) == c - 1
+    dgam = x.beta * rk_k + cfg.scale * jnp.sum(dqh * qf, axis=-1) + jnp.where(last, dgamma[..., None], 0.0)
+    dbeta = jnp.sum(da * x.dec * x.kk, axis=-1) + jnp.sum(drv * vf, axis=-1) + x.gam * rk_k
+    dq = mm("bhnij,bhnjk->bhnik", dqk, x.k) + (cfg.scale * x.gam)[..., None] * dqh
+    dk = (mm("bhnji,bhnjk->bhnik", dqk, x.q) + mm("bhnij,bhnjk->bhnik", dkk + jnp.swapaxes(dkk, -1, -2), x.k)
+          + (x.beta * x.gam)[..., None] * drk + x.e[..., None] * dkd)
+    dv = x.beta[..., None] * drv
+
+    y = jnp.sum(dkd * kf, axis=-1) * x.e  # [b h n c]: d e_j e_j
+    dG = (jnp.sum(z, axis=-1) - jnp.sum(z, axis=-2) + dgam * x.gam - y
+          + jnp.where(last, jnp.sum(y, axis=-1, keepdims=True), 0.0))
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dG, -1), axis=-1), -1)
+    grads = (dq, dk, dv, dg, dbeta)
+    return tuple(_from_chunks(d).astype(p.dtype) for d, p in zip(grads, (q, k, v, g, beta))) + (None,)
+
+
+_prepare_closed_form.defvjp(_prepare_fwd, _prepare_bwd)
 
 
 def chunk_scan_xla(ci: ChunkInputs, s0):
@@ -273,15 +410,20 @@ def _pad_time(x, pad, mode="constant"):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, *, scale, initial_state=None, segment_ids=None, chunk_size=64,
-                             scan=None, prepare=None, remat_prepare=True):
+                             scan=None, prepare=None, prepare_options=None, remat_prepare=True,
+                             prepare_vjp="closed_form"):
     """Chunkwise form; ``scan`` is the serial inter-chunk part (defaults to ``chunk_scan_xla``), ``prepare`` the
-    intra-chunk part (defaults to ``chunk_prepare``).
+    intra-chunk part (defaults to ``chunk_prepare`` with ``prepare_options``, e.g. its mm / out dtypes and inverse).
 
-    remat_prepare: True: recompute the intra-chunk part in the backward pass instead of keeping its float32
-      intermediates (about ten [b h n c c] / [b h n c k] arrays per layer) alive from forward to backward. They
-      are what kept a 24-layer, 1.3B Gated DeltaNet from fitting in 80 GB; the price is one more prepare pass.
-      "save_inverse": the same, but the float32 inverse T [b h n c c] (one array, the matmul recursion that is
-      the prepare's costliest part) is kept and only the rest is recomputed. False: keep everything.
+    remat_prepare: what the intra-chunk part keeps from forward to backward.
+      With ``chunk_prepare`` and prepare_vjp="closed_form" (its hand-derived backward, the default), the inputs,
+      U~ and W are kept in any case; True forms T again in the backward, "save_inverse" and False keep T (one
+      [b h n c c] array in the products' operand dtype).
+      With prepare_vjp="autodiff", or a ``prepare`` of the caller's: True recomputes the whole intra-chunk part
+      in the backward pass instead of keeping its float32 intermediates (about ten [b h n c c] / [b h n c k]
+      arrays per layer, what kept a 24-layer, 1.3B Gated DeltaNet from fitting in 80 GB) at the price of one
+      more prepare pass; "save_inverse" recomputes all but the float32 inverse T; False keeps everything.
+    prepare_vjp: ``PREPARE_VJPS``, for the default ``chunk_prepare``.
     """
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -293,13 +435,23 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale, initial_state=None, seg
     q_, k_, v_, g_, beta_ = (_pad_time(x, pad) for x in (q, k, v, g, beta))
     seg_ = _pad_time(segment_ids, pad, mode="edge")
     reset = _resets(seg_, b, t + pad)
-    prep = functools.partial(prepare or chunk_prepare, scale=scale, chunk_size=c)
     if remat_prepare not in REMAT_PREPARE:
         raise ValueError(f"remat_prepare must be one of {REMAT_PREPARE}; got {remat_prepare!r}")
-    if remat_prepare == "save_inverse":
-        prep = jax.checkpoint(prep, policy=jax.checkpoint_policies.save_only_these_names(UT_INVERSE))
-    elif remat_prepare:
-        prep = jax.checkpoint(prep)
+    if prepare_vjp not in PREPARE_VJPS:
+        raise ValueError(f"prepare_vjp must be one of {PREPARE_VJPS}; got {prepare_vjp!r}")
+    if prepare is not None and prepare_options:
+        raise ValueError("prepare_options apply to the default chunk_prepare only; bind them into `prepare`")
+    if prepare is None and prepare_vjp == "closed_form":
+        # The hand-derived backward decides what it keeps itself: no checkpoint around it.
+        prep = functools.partial(chunk_prepare, scale=scale, chunk_size=c, **(prepare_options or {}),
+                                 vjp="closed_form", keep_inverse=remat_prepare is not True)
+    else:
+        opts = dict(prepare_options or {}, vjp="autodiff") if prepare is None else {}
+        prep = functools.partial(prepare or chunk_prepare, scale=scale, chunk_size=c, **opts)
+        if remat_prepare == "save_inverse":
+            prep = jax.checkpoint(prep, policy=jax.checkpoint_policies.save_only_these_names(UT_INVERSE))
+        elif remat_prepare:
+            prep = jax.checkpoint(prep)
     ci = prep(q_, k_, v_, g_, beta_, reset)
     s0 = jnp.zeros((b, h, dk, dv), sd) if initial_state is None else initial_state.astype(sd)
     o, s = (scan or chunk_scan_xla)(ci, s0)  # [b h n c v]
@@ -323,7 +475,8 @@ def _pallas_supported(q, v, chunk_size) -> str | None:
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     segment_ids=None, impl="auto", chunk_size=64, remat_prepare=True, ut_inverse="pallas"):
+                     segment_ids=None, impl="auto", chunk_size=64, remat_prepare=True, ut_inverse="pallas",
+                     prepare_vjp="closed_form"):
     """Gated delta rule over [b t h k] inputs (fla's ``chunk_gated_delta_rule`` layout and meaning).
 
     Args:
@@ -339,6 +492,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       ut_inverse: "pallas" | "xla": who forms the UT transform's inverse on the pallas route (``INVERSES``).
         "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``, 2.2-3.2x faster
         than XLA's recursion on an H100 (experiments/results/bench_gdn.md); TPUs and the xla route use XLA's.
+      prepare_vjp: "closed_form" | "autodiff": how the chunkwise forms differentiate their intra-chunk part
+        (``PREPARE_VJPS``; autodiff is the reference the hand-derived backward is tested against).
     Returns:
       (o [b t h v] in q.dtype, final_state or None)
     """
@@ -362,7 +517,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl == "reference":
         o, s = gated_delta_rule_reference(q, k, v, g, beta, **kw)
         return o, (s if output_final_state else None)
-    kw["remat_prepare"] = remat_prepare
+    kw.update(remat_prepare=remat_prepare, prepare_vjp=prepare_vjp)
     if impl == "xla":
         o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     else:
@@ -376,7 +531,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         low = jnp.dtype(q.dtype) == jnp.bfloat16
         # The UT inverse kernel is a Triton one (GPUs, and the interpreter on CPU): TPUs keep XLA's.
         inverse = "xla" if jax.default_backend() == "tpu" else ut_inverse
-        prepare = functools.partial(chunk_prepare, mm_dtype=q.dtype if low else None,
-                                    out_dtype=q.dtype if low else None, inverse=inverse)
-        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, prepare=prepare, **kw)
+        opts = dict(mm_dtype=q.dtype if low else None, out_dtype=q.dtype if low else None, inverse=inverse)
+        o, s = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, prepare_options=opts,
+                                        **kw)
     return o, (s if output_final_state else None)

@@ -152,17 +152,18 @@ def test_chunk_prepare_names_a_bad_inverse():
                       inverse="cusolver")
 
 
-def test_remat_prepare_modes_agree_and_save_inverse_skips_its_recompute():
-    """remat_prepare True / False / "save_inverse" give the same values and gradients (float64); under
-    "save_inverse" the backward recomputes the prepare without the inverse's matmul recursion (fewer products
-    in the gradient's program than with True); a bad value names the argument."""
+@pytest.mark.parametrize("prepare_vjp", ["closed_form", "autodiff"])
+def test_remat_prepare_modes_agree_and_save_inverse_skips_its_recompute(prepare_vjp):
+    """remat_prepare True / False / "save_inverse" give the same values and gradients (float64) under either
+    backward of the intra-chunk part; "save_inverse" forms the inverse once (fewer products in the gradient's
+    program than with True, which forms it again in the backward); a bad value names the argument."""
     with jax.enable_x64(True):
         q, k, v, g, beta, s0 = _inputs(jax.random.key(11), 1, 40, 2, 8, 8)
 
         def loss(mode):
             def f(q, k, v, g, beta):
                 o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s0, impl="xla", chunk_size=16,
-                                        remat_prepare=mode)
+                                        remat_prepare=mode, prepare_vjp=prepare_vjp)
                 return jnp.sum(jnp.sin(o))
             return f
 
@@ -175,3 +176,66 @@ def test_remat_prepare_modes_agree_and_save_inverse_skips_its_recompute():
         assert dots["save_inverse"] < dots[True], dots
         with pytest.raises(ValueError, match="remat_prepare"):
             gated_delta_rule(q, k, v, g, beta, impl="xla", remat_prepare="sometimes")
+        with pytest.raises(ValueError, match="prepare_vjp"):
+            gated_delta_rule(q, k, v, g, beta, impl="xla", prepare_vjp="numeric")
+
+
+def _prepare_loss(reset, c, **kw):
+    """A scalar of every output of ``chunk_prepare`` (each with its own weight, so each gets its own cotangent)."""
+    from chimera_jax.ops.gated_delta_rule import chunk_prepare
+
+    def f(q, k, v, g, beta):
+        out = chunk_prepare(q, k, v, g, beta, reset, scale=0.3, chunk_size=c, **kw)
+        return sum(jnp.sum(jnp.sin((i + 1) * y.astype(jnp.float32 if y.dtype == jnp.bfloat16 else y.dtype)))
+                   for i, y in enumerate(out))
+    return f
+
+
+@pytest.mark.parametrize("keep_inverse,inverse", [(True, "xla"), (False, "xla"), (True, "pallas")])
+def test_prepare_closed_form_vjp_matches_autodiff(keep_inverse, inverse):
+    """The hand-derived backward of the intra-chunk part equals autodiff's (float64, packed documents with
+    starts inside chunks, the gamma output included), whether T is kept or formed again, by either inverse."""
+    from chimera_jax.ops.common import resets
+
+    with jax.enable_x64(True):
+        b, t, h, c = 2, 96, 2, 32
+        q, k, v, g, beta, _ = _inputs(jax.random.key(5), b, t, h, 16, 8)
+        reset = resets(_segments(b, t, np.random.default_rng(5)), b, t)
+        kw = dict(inverse=inverse, keep_inverse=keep_inverse)
+        want = jax.value_and_grad(_prepare_loss(reset, c, vjp="autodiff", **kw), argnums=range(5))(q, k, v, g, beta)
+        got = jax.value_and_grad(_prepare_loss(reset, c, vjp="closed_form", **kw), argnums=range(5))(q, k, v, g,
+                                                                                                     beta)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
+        for name, a, r in zip("q k v g beta".split(), got[1], want[1]):
+            assert _rel(a, r) < 1e-12, name
+
+
+def test_prepare_closed_form_vjp_bfloat16_operands():
+    """With bf16 operands and outputs (the pallas route for bf16 models) the closed-form gradient stays within
+    bf16 error of the float32 one, as autodiff's does."""
+    from chimera_jax.ops.common import resets
+
+    b, t, h, c = 1, 128, 2, 64
+    q, k, v, g, beta, _ = _inputs(jax.random.key(6), b, t, h, 64, 32, jnp.float32)
+    reset = resets(_segments(b, t, np.random.default_rng(6)), b, t)
+    bf = lambda x: x.astype(jnp.bfloat16)
+    want = jax.grad(_prepare_loss(reset, c, vjp="autodiff"), argnums=range(5))(q, k, v, g, beta)
+    low = dict(mm_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
+    for vjp in ("closed_form", "autodiff"):
+        f = _prepare_loss(reset, c, vjp=vjp, **low)
+        got = jax.grad(lambda q, k, v, g, beta: f(bf(q), bf(k), bf(v), g, bf(beta)), argnums=range(5))(
+            q, k, v, g, beta)
+        for name, a, r in zip("q k v g beta".split(), got, want):
+            assert _rel(a.astype(jnp.float32), r) < 1e-2, (vjp, name)
+
+
+def test_prepare_options_only_with_the_default_prepare():
+    from chimera_jax.ops.gated_delta_rule import chunk_prepare, gated_delta_rule_chunked
+
+    q, k, v, g, beta, _ = _inputs(jax.random.key(1), 1, 16, 1, 8, 8, jnp.float32)
+    with pytest.raises(ValueError, match="prepare_options"):
+        gated_delta_rule_chunked(q, k, v, g, beta, scale=1.0, chunk_size=16, prepare=chunk_prepare,
+                                 prepare_options=dict(inverse="xla"))
+    with pytest.raises(ValueError, match="vjp"):
+        chunk_prepare(q, k, v, g, beta, jnp.zeros((1, 16), bool), scale=1.0, chunk_size=16, vjp="numeric")
+
