@@ -40,8 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
       parallel path (decode always uses the token-by-token step).
     dt_min, dt_max: range of the log-uniform initial step (softplus(dt_bias)).
     a_init_min, a_init_max: range of the uniform initial decay rate exp(A_log).
-    remat_prepare: 'auto' | 'on' | 'off' | 'save_inverse': recompute the op's intra-chunk part in its backward
-      (``gated_delta_rule``'s flag; 'save_inverse' keeps the float32 inverse and recomputes the rest). 'auto': on,
+    remat_prepare: 'auto' | 'on' | 'off' | 'save_inverse': what the op's intra-chunk part keeps for its backward
+      (``gated_delta_rule``'s flag: with its closed-form backward, 'on' forms the UT inverse again and the others
+      keep it, one [b h n c c] array in the operand dtype). 'auto': on,
       unless the model rematerialises whole blocks (``model.remat = 'full'``): the block's backward already
       reruns the op's forward, and a second prepare pass there would buy no memory.
     ut_inverse: 'pallas' | 'xla': who forms the UT transform's inverse on the op's pallas route

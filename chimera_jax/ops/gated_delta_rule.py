@@ -491,7 +491,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         backward pass (less memory, one more pass), or all of it but the inverse (``gated_delta_rule_chunked``).
       ut_inverse: "pallas" | "xla": who forms the UT transform's inverse on the pallas route (``INVERSES``).
         "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``, 2.2-3.2x faster
-        than XLA's recursion on an H100 (experiments/results/bench_gdn.md); TPUs and the xla route use XLA's.
+        than XLA's recursion on an H100 (experiments/results/bench_gdn_run7.md); TPUs and the xla route use XLA's.
       prepare_vjp: "closed_form" | "autodiff": how the chunkwise forms differentiate their intra-chunk part
         (``PREPARE_VJPS``; autodiff is the reference the hand-derived backward is tested against).
     Returns:

@@ -106,7 +106,7 @@ def _vblock(r, dv):
 
 # Triton's software-pipelining depth for the chunk loop: the next chunks' tiles load while this one computes,
 # which is what the serial chain waits on. None = by head size and operand width, from the H100 sweep in
-# experiments/results/bench_gdn.md (bf16: 3 for k = 128, 2 for k = 64; float32 tiles are twice as large and 3
+# an earlier run (kernels_pallas/NOTES.md, run 4-5; bf16: 3 for k = 128, 2 for k = 64; float32 tiles are twice as large and 3
 # stages of them overflow the 227 KiB of shared memory, so float32 keeps 1); benchmarks set it to sweep.
 NUM_STAGES = None
 

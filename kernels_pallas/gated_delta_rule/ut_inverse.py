@@ -3,7 +3,7 @@
 A [r c c] is strictly lower triangular per chunk (r = b*h*n chunks, c = 64 tokens). XLA's form
 (``chimera_jax.ops.gated_delta_rule.unit_lower_inverse``, the slow reference beside this one) builds T from
 batched matmuls over whole [c c] matrices and their halves; on an H100 that was about half of the prepare stage's
-forward (0.61 of 1.18 ms at B, T, H, D = 8, 2048, 16, 128: experiments/results/bench_gdn.md), spent moving
+forward (0.61 of 1.18 ms at B, T, H, D = 8, 2048, 16, 128: experiments/results/bench_gdn_run6.md), spent moving
 [r c c] float32 slices and concatenations through HBM, not in arithmetic.
 
 Here one program owns one chunk and never leaves registers between loading A and storing T. With blocks of
