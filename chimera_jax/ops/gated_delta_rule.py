@@ -16,7 +16,8 @@ Implementations (``impl``):
 - ``xla``: the chunkwise form. Inside a chunk of ``c`` tokens the recurrence is solved in parallel through the
   WY / UT representation: with ``A[t, j] = beta_t * exp(G_t - G_j) * k_t.k_j`` (j < t, same document) and
   ``T = (I + A)^-1`` (formed by matmuls, ``unit_lower_inverse``), the chunk's corrected values are ``U = T (beta v) - T (beta Gamma k) S0``, so the
-  only serial work left is one small state update per chunk (``chunk_scan_xla``). Differentiable by autodiff.
+  only serial work left is one small state update per chunk (``chunk_scan_xla``). The intra-chunk part has a
+  hand-derived backward (``_prepare_bwd``, tested against autodiff); the rest is differentiated by autodiff.
 - ``pallas``: the same intra-chunk preparation in XLA, and the serial inter-chunk scan (forward and backward)
   as Pallas kernels (``kernels_pallas/gated_delta_rule``); runs in interpret mode on CPU.
 - ``auto``: ``pallas`` on a GPU for the shapes and dtypes its tests cover, otherwise ``xla`` (logged at debug).
@@ -487,8 +488,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       segment_ids: [b t] int; where the id changes between t-1 and t the state restarts from zero.
       impl: "auto" | "pallas" | "xla" | "reference".
       chunk_size: tokens per chunk of the chunkwise forms.
-      remat_prepare: True | False | "save_inverse": chunkwise forms recompute their intra-chunk part in the
-        backward pass (less memory, one more pass), or all of it but the inverse (``gated_delta_rule_chunked``).
+      remat_prepare: True | False | "save_inverse": what the chunkwise forms' intra-chunk part keeps for its
+        backward (``gated_delta_rule_chunked``): with the closed-form backward True forms the UT inverse again
+        and the others keep it; with autodiff True reruns the whole intra-chunk forward.
       ut_inverse: "pallas" | "xla": who forms the UT transform's inverse on the pallas route (``INVERSES``).
         "pallas" is the blocked kernel of ``kernels_pallas/gated_delta_rule/ut_inverse.py``, 2.2-3.2x faster
         than XLA's recursion on an H100 (experiments/results/bench_gdn_run7.md); TPUs and the xla route use XLA's.
