@@ -184,8 +184,11 @@ def _ut_solve_fwd(a, rhs_v, rhs_k, mm_dtype, inverse):
 
 def _ut_solve_bwd(mm_dtype, inverse, res, cot):
     t_inv, u, w = res
-    du, dw = cot
-    mm = functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=t_inv.dtype)
+    return _ut_solve_vjp(t_inv, u, w, *cot, functools.partial(chunk_matmul, mm_dtype=mm_dtype, acc=t_inv.dtype))
+
+
+def _ut_solve_vjp(t_inv, u, w, du, dw, mm):
+    """(d a, d rhs_v, d rhs_k) of the UT solve (``ut_solve``'s closed form), with ``mm`` its products."""
     drhs_v = mm("...ji,...jm->...im", t_inv, du)
     drhs_k = mm("...ji,...jm->...im", t_inv, dw)
     da = mm("...im,...jm->...ij", drhs_v, u) + mm("...im,...jm->...ij", drhs_k, w)
@@ -353,13 +356,10 @@ def _prepare_bwd(cfg: _PrepareCfg, res, cot):
     x = _intra(q, k, v, g, beta, reset, cfg.c, mm)
     t_inv = kept_t if kept_t is not None else _unit_lower_inverse_by(_strict_a(x), cfg.inverse)
     c = cfg.c
-    strict = jnp.tril(jnp.ones((c, c), bool), -1)
     kf, vf, qf = x.k.astype(cd), x.v.astype(cd), x.q.astype(cd)
     dqh, dp, dkd = (y.astype(cd) for y in (dqh, dp, dkd))
 
-    drv = mm("...ji,...jm->...im", t_inv, du)  # [b h n c v]
-    drk = mm("...ji,...jm->...im", t_inv, dw)  # [b h n c k]
-    da = jnp.where(strict, -(mm("...im,...jm->...ij", drv, u_tilde) + mm("...im,...jm->...ij", drk, w)), 0.0)
+    da, drv, drk = _ut_solve_vjp(t_inv, u_tilde, w, du, dw, mm)  # [b h n c c], [b h n c v], [b h n c k]
     qk = mm("bhnik,bhnjk->bhnij", x.q, x.k)
     dkk = da * x.beta[..., :, None] * x.dec
     dqk = cfg.scale * dp * x.dec
